@@ -1,0 +1,12 @@
+"""The public ops. Each is a ``torch.library`` custom op in namespace ``seerattn``
+(``torch.ops.seerattn.<name>``) with a fake implementation, so ``torch.compile`` traces
+through it with no graph break; the functions here are their typed, documented wrappers.
+Which kernel runs is decided per call by :mod:`seerattn_r.backend`.
+"""
+
+from seerattn_r.ops.gate_scores import gate_scores
+from seerattn_r.ops.kpool import kpool
+from seerattn_r.ops.select_blocks import num_selected_slots, select_blocks
+from seerattn_r.ops.sparse_decode import sparse_decode
+
+__all__ = ["gate_scores", "kpool", "num_selected_slots", "select_blocks", "sparse_decode"]
