@@ -71,4 +71,5 @@ def gate_scores(
         ``[B, Hkv, Nblk]`` float32: ``softmax(q_gate . k_gate * sm_scale)`` over the scored
         blocks, exactly 0 elsewhere (an all-zero row when ``num_blocks[b] == 0``).
     """
+    _check(q_gate, k_gate, num_blocks)  # before the dispatcher's type checks
     return _gate_scores_op(q_gate, k_gate, num_blocks, sm_scale)

@@ -61,4 +61,5 @@ def kpool(
         valid tokens); a block with no valid token is all zeros. At decode, the same op
         pools the one-block recent-K buffer.
     """
+    _check(k, cache_seqlens, block_size, cache_offsets)  # before the dispatcher's type checks
     return _kpool_op(k, cache_seqlens, block_size, cache_offsets)

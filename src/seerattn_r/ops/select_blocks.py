@@ -88,6 +88,8 @@ def select_blocks(
         ``block_indices [B, Hkv, M]`` int32: the kept blocks plus the forced ones
         (outside the budget), ascending and unique, then ``-1`` padding. ``M`` is
         ``min(token_budget // block_size, Nblk) + 2`` (``Nblk + 2`` with a threshold), so
-        shapes never depend on data. A row with ``cache_seqlens[b] == 0`` is all ``-1``.
+        shapes never depend on data. A row with ``cache_seqlens[b] == 0`` gets no forced
+        block (and, in the decode path, ``num_blocks[b] == 0``: all ``-1``).
     """
+    _check(scores, num_blocks, cache_seqlens, block_size, token_budget, threshold)  # before the dispatcher's
     return _select_blocks_op(scores, num_blocks, cache_seqlens, block_size, token_budget, threshold, sink_block)

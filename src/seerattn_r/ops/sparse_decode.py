@@ -128,6 +128,9 @@ def sparse_decode(
     D and Dv must be 64, 128 or 256. Backends: see :mod:`seerattn_r.backend` (the TileLang
     kernel takes fp16/bf16 with ``[B, Hkv, M]`` indices; other cases run on Triton there).
     """
+    # Checked here too: the dispatcher would reject a wrong argument type with a less
+    # helpful message before the op's own check runs.
+    _check(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, cache_offsets)
     out, lse = _sparse_decode_op(
         q, k_cache, v_cache, cache_seqlens, block_indices, block_size, sm_scale, cache_offsets
     )
