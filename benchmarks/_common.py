@@ -1,0 +1,379 @@
+"""Shared machinery of the benchmark scripts: timing, the bandwidth floor, environment
+info, result files.
+
+Timing (:func:`time_eager`, :func:`time_graph`):
+
+* GPU (CUDA or ROCm): ``triton.testing.do_bench`` median (it flushes L2 by zeroing a
+  buffer larger than L2 before every timed run and times each run with device events;
+  warm-up excluded). CUDA-graph replay: the call is captured once in a
+  ``torch.cuda.CUDAGraph`` and ``graph.replay`` is timed by the same ``do_bench``, so the
+  replays are L2-flushed too. ``torch.cuda`` is also PyTorch's ROCm API (HIP graphs), so
+  nothing here is CUDA-only.
+* CPU: a host timer (``time.perf_counter`` median) and no graph; every row records which
+  timer produced it in ``row["timer"]`` (see :func:`timer_name`).
+
+The floor of a memory-bound call is ``bytes it must read / copy bandwidth``, with the
+bandwidth *measured* on the device by :func:`copy_bandwidth` (a large device-to-device
+copy; bytes read + bytes written over its time), never looked up.
+
+Result files: ``{"schema", "bench", "info", "rows"}`` JSON (see :func:`write_results`);
+:func:`merge_results` joins the files of a grid run in several calls (later rows win on
+the same key).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+SCHEMA = "seerattn-r-bench/1"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Relative error ||out - ref|| / ||ref|| allowed per dtype: the same bounds as the op tests
+# (tests/utils.py RTOL), so a benchmark row that passes is a kernel the tests would pass.
+RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# do_bench's budgets in ms. Short, since a grid point times a dozen calls; the median
+# over >= 100 runs of a >= 10 us kernel is stable to about 1%.
+WARMUP_MS = 25
+REP_MS = 100
+
+
+def on_gpu(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def timer_name(device: torch.device) -> str:
+    """What :func:`time_eager` measures with on ``device``; stored in every row."""
+    if on_gpu(device):
+        return "do_bench median, device events, L2 flushed"
+    return "host perf_counter median (no GPU: no device events, no L2 flush, no CUDA graph)"
+
+
+def sync(device: torch.device) -> None:
+    if on_gpu(device):
+        torch.cuda.synchronize(device)
+
+
+def parse_int(text: str) -> int:
+    """``"8k"`` -> 8192, ``"128K"`` -> 131072, ``"300"`` -> 300."""
+    text = text.strip().lower()
+    if text.endswith("k"):
+        return int(float(text[:-1]) * 1024)
+    return int(text)
+
+
+def parse_list(text: str, conv: Callable[[str], object]) -> list:
+    return [conv(x) for x in text.split(",") if x.strip()]
+
+
+def _host_median_ms(fn: Callable[[], object], rep_ms: float, min_reps: int = 3, max_reps: int = 200) -> float:
+    fn()  # warm-up: the first call may compile or allocate
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < min_reps or (time.perf_counter() < deadline and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_eager(fn: Callable[[], object], device: torch.device, rep_ms: float = REP_MS) -> float:
+    """Median time of ``fn()`` in ms (see the module docstring for the method)."""
+    if not on_gpu(device):
+        return _host_median_ms(fn, rep_ms)
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=WARMUP_MS, rep=rep_ms, return_mode="median"))
+
+
+def capture_graph(fn: Callable[[], object], device: torch.device) -> torch.cuda.CUDAGraph:
+    """Capture ``fn()`` in a CUDA (or HIP) graph, after warm-up runs on a side stream (the
+    capture must not be the first call: libraries allocate workspaces then)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize(device)
+    return graph
+
+
+def time_graph(fn: Callable[[], object], device: torch.device, rep_ms: float = REP_MS) -> float | None:
+    """Median time in ms of replaying ``fn()`` from a CUDA graph, L2 flushed between
+    replays; None on CPU (no graphs there)."""
+    if not on_gpu(device):
+        return None
+    graph = capture_graph(fn, device)
+    try:
+        return time_eager(graph.replay, device, rep_ms)
+    finally:
+        del graph
+        free_memory(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if on_gpu(device):
+        torch.cuda.empty_cache()
+
+
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """One line for a row's ``*_err`` field: the exception type and the end of its message
+    (the end is where torch puts the useful part of OOM and compile errors)."""
+    msg = " ".join(str(exc).split())
+    if len(msg) > limit:
+        msg = "..." + msg[-limit:]
+    return f"{type(exc).__name__}: {msg}"
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+_BANDWIDTH: dict[str, dict] = {}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
+    """Measured copy bandwidth of ``device``: ``dst.copy_(src)`` of ``nbytes`` (default
+    1 GiB on a GPU, or a quarter of free memory if smaller; 256 MiB on CPU), timed like
+    any kernel; bandwidth = (bytes read + bytes written) / median time. Cached per device
+    for the process. Returns ``{"copy_GBps", "copy_bytes", "copy_ms"}``."""
+    key = str(torch.device(device))
+    if key in _BANDWIDTH:
+        return _BANDWIDTH[key]
+    if nbytes is None:
+        if on_gpu(device):
+            free, _ = torch.cuda.mem_get_info(device)
+            nbytes = min(1 << 30, free // 4)
+        else:
+            nbytes = 256 << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = time_eager(lambda: dst.copy_(src), device, rep_ms=200)
+    del src, dst
+    free_memory(device)
+    result = {"copy_GBps": 2 * nbytes / (ms * 1e-3) / 1e9, "copy_bytes": 2 * nbytes, "copy_ms": ms}
+    _BANDWIDTH[key] = result
+    return result
+
+
+def floor_ms(nbytes: float, device: torch.device) -> float:
+    """Time in ms to move ``nbytes`` at the device's measured copy bandwidth."""
+    return nbytes / (copy_bandwidth(device)["copy_GBps"] * 1e9) * 1e3
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:  # a bundle unpacked onto sys.path (the GPU machines' tilelang) has no metadata
+        return getattr(importlib.import_module(dist), "__version__", "unknown")
+    except Exception:  # noqa: BLE001 - absent or broken: report it as absent
+        return None
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO_ROOT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _driver() -> str | None:
+    if torch.version.hip:
+        out = _run(["rocm-smi", "--showdriverversion", "--json"])
+        if out:
+            try:
+                card = next(iter(json.loads(out).values()))
+                return "amdgpu " + str(next(iter(card.values())))
+            except (ValueError, StopIteration, AttributeError):
+                return out.splitlines()[-1]
+        return None
+    out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return out.splitlines()[0] if out else None
+
+
+def _commit() -> str:
+    """The git commit benchmarked: ``SEERATTN_COMMIT`` if set (a copy of the tree with no
+    .git, as on the GPU machines), else ``git rev-parse HEAD`` (+ ``-dirty``)."""
+    if os.environ.get("SEERATTN_COMMIT"):
+        return os.environ["SEERATTN_COMMIT"]
+    head = _run(["git", "rev-parse", "HEAD"])
+    if head is None:
+        return "unknown"
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return head + ("-dirty" if dirty else "")
+
+
+def env_info(device: torch.device) -> dict:
+    """GPU, driver, library versions, commit and date, for a result file's ``info``."""
+    device = torch.device(device)
+    info: dict = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "tilelang": _version("tilelang"),
+        "flashinfer": _version("flashinfer") or _version("flashinfer-python"),
+        "transformers": _version("transformers"),
+        "device_type": device.type,
+        "argv": sys.argv[1:],
+    }
+    if on_gpu(device):
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_arch=getattr(props, "gcnArchName", None) or f"sm_{props.major}{props.minor}",
+            sms=props.multi_processor_count,
+            gpu_memory_GiB=round(props.total_memory / 2**30, 1),
+            driver=_driver(),
+            cuda=torch.version.cuda,
+            hip=torch.version.hip,
+        )
+    else:
+        info.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+    info.update(copy_bandwidth(device))
+    return info
+
+
+def gpu_slug(info: dict) -> str:
+    name = info.get("gpu") or "cpu"
+    for junk in ("NVIDIA ", "AMD ", "Instinct "):
+        name = name.replace(junk, "")
+    return "-".join(name.lower().split())
+
+
+def default_out(bench: str, info: dict) -> Path:
+    stamp = info["date"][:19].replace(":", "").replace("-", "")
+    return RESULTS_DIR / f"{bench}-{gpu_slug(info)}-{stamp}.json"
+
+
+def load_results(path: Path) -> dict:
+    with open(path) as fh:
+        data = json.load(fh)
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a {SCHEMA} result file (schema={data.get('schema')!r})")
+    return data
+
+
+def _row_key(row: dict, key_fields: Iterable[str]) -> tuple:
+    return tuple(row.get(f) for f in key_fields)
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """Join result files of one benchmark on one GPU kind into one: rows concatenated,
+    a later row replacing an earlier one with the same key (``info["key_fields"]``);
+    ``info`` is the first part's, with ``info["parts"]`` listing each part's date, commit
+    and bandwidth. Mixing benchmarks or GPU models is a ValueError."""
+    if not parts:
+        raise ValueError("merge_results(parts) needs at least one result")
+    first = parts[0]
+    for p in parts[1:]:
+        if p["bench"] != first["bench"]:
+            raise ValueError(f"cannot merge a {p['bench']!r} result into a {first['bench']!r} one")
+        if p["info"].get("gpu") != first["info"].get("gpu"):
+            raise ValueError(
+                f"cannot merge results of {p['info'].get('gpu')!r} into {first['info'].get('gpu')!r}"
+            )
+    key_fields = first["info"]["key_fields"]
+    rows: dict[tuple, dict] = {}
+    part_info = []
+    for p in parts:
+        part_info.extend(p["info"].get("parts") or [_part_summary(p["info"])])
+        for row in p["rows"]:
+            rows[_row_key(row, key_fields)] = row
+    info = {k: v for k, v in first["info"].items() if k != "parts"}
+    seen, unique = set(), []
+    for s in part_info:
+        tag = json.dumps(s, sort_keys=True)
+        if tag not in seen:
+            seen.add(tag)
+            unique.append(s)
+    info["parts"] = unique
+    return {"schema": SCHEMA, "bench": first["bench"], "info": info, "rows": list(rows.values())}
+
+
+def _part_summary(info: dict) -> dict:
+    return {k: info.get(k) for k in ("date", "commit", "copy_GBps", "argv")}
+
+
+def write_results(path: Path, bench: str, info: dict, rows: list[dict]) -> Path:
+    """Write ``rows`` as a result file at ``path``; if ``path`` already holds a result of the
+    same benchmark and GPU, the new rows are merged into it (so a grid split over several
+    calls can point every call at one file). Written atomically."""
+    path = Path(path)
+    data = {"schema": SCHEMA, "bench": bench, "info": info, "rows": rows}
+    if path.exists():
+        data = merge_results([load_results(path), data])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1, default=_json_default)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(obj: object) -> object:
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} to a result file")
+
+
+def clean_float(x: float | None) -> float | None:
+    """JSON has no inf/nan: store them as None."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+class Progress:
+    """One flushed line per grid point, with elapsed time and an estimate of what is left
+    (the mean time of the points done so far times the points left)."""
+
+    def __init__(self, total: int, max_seconds: float | None = None):
+        self.total = total
+        self.done = 0
+        self.start = time.perf_counter()
+        self.max_seconds = max_seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def should_stop(self) -> bool:
+        """True when the next point would likely end past ``max_seconds``."""
+        if self.max_seconds is None or self.done == 0:
+            return False
+        per_point = self.elapsed() / self.done
+        return self.elapsed() + 1.5 * per_point > self.max_seconds
+
+    def line(self, text: str) -> None:
+        self.done += 1
+        el = self.elapsed()
+        eta = el / self.done * (self.total - self.done)
+        print(f"[{self.done}/{self.total} {el:5.0f}s eta {eta:4.0f}s] {text}", flush=True)
