@@ -23,7 +23,9 @@ the same key).
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
+import functools
 import gc
 import importlib.metadata
 import json
@@ -63,11 +65,6 @@ def timer_name(device: torch.device) -> str:
     if on_gpu(device):
         return "do_bench median, device events, L2 flushed"
     return "host perf_counter median (no GPU: no device events, no L2 flush, no CUDA graph)"
-
-
-def sync(device: torch.device) -> None:
-    if on_gpu(device):
-        torch.cuda.synchronize(device)
 
 
 def parse_int(text: str) -> int:
@@ -131,6 +128,59 @@ def time_graph(fn: Callable[[], object], device: torch.device, rep_ms: float = R
         free_memory(device)
 
 
+def pick_backends(spec: str, device: torch.device) -> dict[str, str | None]:
+    """The seerattn backends to measure: name -> None if it runs on ``device``, else why
+    not. ``spec`` is a comma-separated list or ``auto``: every backend that runs on the
+    device, except the torch reference on a GPU."""
+    from seerattn_r import backend as sbackend
+
+    if spec != "auto":
+        names = parse_list(spec, str)
+        return {n: sbackend.unavailable_reason(n, device) for n in names}
+    names = [b for b in sbackend.BACKENDS if sbackend.unavailable_reason(b, device) is None]
+    if on_gpu(device) and len(names) > 1:
+        # The reference materialises fp32 copies of the cache per query head: a check,
+        # not a contender, on a GPU.
+        names.remove("torch")
+    return {n: None for n in names}
+
+
+def measure(row: dict, name: str, fn, device: torch.device, graph: bool) -> None:
+    """Time ``fn`` eager and (on a GPU) replayed from a CUDA graph into ``row``; a failure
+    becomes ``<name>_err`` / ``<name>_graph_err``."""
+    try:
+        row[f"{name}_ms"] = time_eager(fn, device)
+    except Exception as exc:  # noqa: BLE001 - any failure of a contender is data
+        row[f"{name}_err"] = short_error(exc)
+        free_memory(device)
+        return
+    if graph and on_gpu(device):
+        try:
+            row[f"{name}_graph_ms"] = time_graph(fn, device)
+        except Exception as exc:  # noqa: BLE001
+            row[f"{name}_graph_err"] = short_error(exc)
+            free_memory(device)
+
+
+def best_ms(row: dict, name: str) -> float | None:
+    times = [row.get(f"{name}_ms"), row.get(f"{name}_graph_ms")]
+    times = [t for t in times if t is not None]
+    return min(times) if times else None
+
+
+def relerr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| over the entries finite in both (NaN in ``out`` -> inf)."""
+    ref, out = ref.double(), out.double()
+    if out.isnan().any():
+        return math.inf
+    both = torch.isfinite(ref) & torch.isfinite(out)
+    if not torch.equal(torch.isfinite(ref), torch.isfinite(out)):
+        return math.inf
+    num = (out[both] - ref[both]).norm().item()
+    den = ref[both].norm().item()
+    return num / den if den > 0 else num
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if on_gpu(device):
@@ -144,10 +194,6 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     if len(msg) > limit:
         msg = "..." + msg[-limit:]
     return f"{type(exc).__name__}: {msg}"
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 _BANDWIDTH: dict[str, dict] = {}
@@ -169,7 +215,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
             nbytes = 256 << 20
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
-    ms = time_eager(lambda: dst.copy_(src), device, rep_ms=200)
+    ms = time_eager(functools.partial(dst.copy_, src), device, rep_ms=200)
     del src, dst
     free_memory(device)
     result = {"copy_GBps": 2 * nbytes / (ms * 1e-3) / 1e9, "copy_bytes": 2 * nbytes, "copy_ms": ms}
@@ -350,6 +396,72 @@ def clean_float(x: float | None) -> float | None:
     if x is None or not math.isfinite(x):
         return None
     return float(x)
+
+
+GRID = {
+    "batch": [1, 2, 4, 8, 16],
+    "tokens": [8192, 16384, 32768, 65536, 131072],
+    "sparsity": [0.5, 0.6, 0.7, 0.8, 0.9],
+}
+QUICK_GRID = {"batch": [1, 16], "tokens": [32768, 131072], "sparsity": [0.5, 0.9]}
+
+
+def add_grid_args(p: argparse.ArgumentParser) -> None:
+    """The options bench_decode and bench_gate share: the grid, the shape, backends,
+    output and time limit."""
+    p.add_argument("--batch", type=lambda s: parse_list(s, int), help="e.g. 1,4,16")
+    p.add_argument("--tokens", type=lambda s: parse_list(s, parse_int), help="e.g. 8k,32k,128k")
+    p.add_argument("--sparsity", type=lambda s: parse_list(s, float), help="e.g. 0.5,0.9")
+    p.add_argument("--quick", action="store_true", help=f"the subset {QUICK_GRID}")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--heads", default="64:8", help="HQ:HKV (default 64:8)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument(
+        "--backends", default="auto",
+        help="seerattn backends, comma-separated, or 'auto': every one that runs on the "
+        "device except the torch reference on a GPU",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="result JSON (merged into if it exists)")
+    p.add_argument("--redo", action="store_true", help="measure points already in --out again")
+    p.add_argument("--max-seconds", type=float, help="start no point that would end past this")
+    p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timings")
+
+
+def finish_grid_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the grid defaults (full or ``--quick``) and check the shape options."""
+    grid = QUICK_GRID if args.quick else GRID
+    for axis in ("batch", "tokens", "sparsity"):
+        if getattr(args, axis) is None:
+            setattr(args, axis, grid[axis])
+    try:
+        args.hq, args.hkv = (int(x) for x in args.heads.split(":"))
+    except ValueError:
+        p.error(f"--heads must be HQ:HKV, e.g. 64:8; got {args.heads!r}")
+    if args.hq % args.hkv:
+        p.error(f"--heads: HQ={args.hq} must be a multiple of HKV={args.hkv}")
+    for s in args.sparsity:
+        if not 0.0 <= s < 1.0:
+            p.error(f"--sparsity values must be in [0, 1), got {s}")
+    return args
+
+
+def done_keys(path: Path | None, key_fields: list[str]) -> set[tuple]:
+    """Keys of the rows already in the result file ``path`` (empty if there is none)."""
+    if path is None or not path.exists():
+        return set()
+    return {_row_key(r, key_fields) for r in load_results(path)["rows"]}
+
+
+def random_block_indices(batch: int, hkv: int, nblk: int, keep: int, gen: torch.Generator,
+                         device: torch.device) -> torch.Tensor:
+    """``[batch, hkv, keep]`` int32: per (row, KV head) a uniformly random subset of
+    ``keep`` of the ``nblk`` blocks, ascending (the order ``select_blocks`` emits)."""
+    noise = torch.rand(batch, hkv, nblk, generator=gen, device=device)
+    idx = noise.topk(keep, dim=-1).indices
+    return idx.sort(dim=-1).values.to(torch.int32)
 
 
 class Progress:

@@ -59,12 +59,6 @@ from seerattn_r import backend as sbackend  # noqa: E402
 from seerattn_r import ops  # noqa: E402
 from seerattn_r import reference  # noqa: E402
 
-FULL = {
-    "batch": [1, 2, 4, 8, 16],
-    "tokens": [8192, 16384, 32768, 65536, 131072],
-    "sparsity": [0.5, 0.6, 0.7, 0.8, 0.9],
-}
-QUICK = {"batch": [1, 16], "tokens": [32768, 131072], "sparsity": [0.5, 0.9]}
 KEY_FIELDS = ["batch", "tokens", "sparsity", "dtype", "block_size", "hq", "hkv", "head_dim"]
 PEERS = ("sdpa", "flex", "flashinfer")
 DENSE_NAMES = ("sdpa_flash", "flex_dense", "flashinfer")
@@ -77,67 +71,14 @@ EST_POINT_S = 4.0
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=lambda s: C.parse_list(s, int), help="e.g. 1,4,16")
-    p.add_argument("--tokens", type=lambda s: C.parse_list(s, C.parse_int), help="e.g. 8k,32k,128k")
-    p.add_argument("--sparsity", type=lambda s: C.parse_list(s, float), help="e.g. 0.5,0.9")
-    p.add_argument("--quick", action="store_true", help=f"the subset {QUICK}")
-    p.add_argument("--dtype", choices=sorted(C.DTYPES), default="fp16")
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--heads", default="64:8", help="HQ:HKV (default 64:8)")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument(
-        "--backends", default="auto",
-        help="seerattn backends, comma-separated, or 'auto': every one that runs on the "
-        "device except the torch reference on a GPU",
-    )
+    C.add_grid_args(p)
     p.add_argument("--peers", default=",".join(PEERS), help=f"subset of {','.join(PEERS)}, or 'none'")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="result JSON (merged into if it exists)")
-    p.add_argument("--redo", action="store_true", help="measure points already in --out again")
-    p.add_argument("--max-seconds", type=float, help="start no point that would end past this")
-    p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timings")
-    args = p.parse_args(argv)
-    grid = QUICK if args.quick else FULL
-    for axis in ("batch", "tokens", "sparsity"):
-        if getattr(args, axis) is None:
-            setattr(args, axis, grid[axis])
-    try:
-        args.hq, args.hkv = (int(x) for x in args.heads.split(":"))
-    except ValueError:
-        p.error(f"--heads must be HQ:HKV, e.g. 64:8; got {args.heads!r}")
-    if args.hq % args.hkv:
-        p.error(f"--heads: HQ={args.hq} must be a multiple of HKV={args.hkv}")
-    for s in args.sparsity:
-        if not 0.0 <= s < 1.0:
-            p.error(f"--sparsity values must be in [0, 1), got {s}")
+    args = C.finish_grid_args(p, p.parse_args(argv))
     args.peers = [] if args.peers == "none" else C.parse_list(args.peers, str)
     unknown = set(args.peers) - set(PEERS)
     if unknown:
         p.error(f"--peers: unknown {sorted(unknown)}; choose from {','.join(PEERS)}")
     return args
-
-
-def pick_backends(spec: str, device: torch.device) -> dict[str, str | None]:
-    """backend name -> None if it runs on ``device``, else why not."""
-    if spec != "auto":
-        names = C.parse_list(spec, str)
-        return {n: sbackend.unavailable_reason(n, device) for n in names}
-    names = [b for b in sbackend.BACKENDS if sbackend.unavailable_reason(b, device) is None]
-    if C.on_gpu(device) and len(names) > 1:
-        # The reference materialises fp32 copies of the cache per query head: a check,
-        # not a contender, on a GPU.
-        names.remove("torch")
-    return {n: None for n in names}
-
-
-def random_block_indices(batch: int, hkv: int, nblk: int, keep: int, gen: torch.Generator,
-                         device: torch.device) -> torch.Tensor:
-    """``[batch, hkv, keep]`` int32: per (row, KV head) a uniformly random subset of
-    ``keep`` of the ``nblk`` blocks, ascending."""
-    noise = torch.rand(batch, hkv, nblk, generator=gen, device=device)
-    idx = noise.topk(keep, dim=-1).indices
-    return idx.sort(dim=-1).values.to(torch.int32)
 
 
 def reference_rows(args, tokens: int, device: torch.device, batch: int) -> int:
@@ -151,42 +92,6 @@ def reference_rows(args, tokens: int, device: torch.device, batch: int) -> int:
     else:
         budget = 2 << 30
     return max(1, min(batch, budget // per_row))
-
-
-def measure(row: dict, name: str, fn, device: torch.device, graph: bool) -> None:
-    """Time ``fn`` eager and (on a GPU) replayed from a CUDA graph into ``row``; a failure
-    becomes ``<name>_err`` / ``<name>_graph_err``."""
-    try:
-        row[f"{name}_ms"] = C.time_eager(fn, device)
-    except Exception as exc:  # noqa: BLE001 - any failure of a contender is data
-        row[f"{name}_err"] = C.short_error(exc)
-        C.free_memory(device)
-        return
-    if graph and C.on_gpu(device):
-        try:
-            row[f"{name}_graph_ms"] = C.time_graph(fn, device)
-        except Exception as exc:  # noqa: BLE001
-            row[f"{name}_graph_err"] = C.short_error(exc)
-            C.free_memory(device)
-
-
-def best_ms(row: dict, name: str) -> float | None:
-    times = [row.get(f"{name}_ms"), row.get(f"{name}_graph_ms")]
-    times = [t for t in times if t is not None]
-    return min(times) if times else None
-
-
-def relerr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| over the entries finite in both (NaN in ``out`` -> inf)."""
-    ref, out = ref.double(), out.double()
-    if out.isnan().any():
-        return math.inf
-    both = torch.isfinite(ref) & torch.isfinite(out)
-    if not torch.equal(torch.isfinite(ref), torch.isfinite(out)):
-        return math.inf
-    num = (out[both] - ref[both]).norm().item()
-    den = ref[both].norm().item()
-    return num / den if den > 0 else num
 
 
 _FLEX_COMPILED = None
@@ -258,7 +163,7 @@ def dense_peers(args, q, k_cache, v_cache, device, graph: bool) -> dict:
         try:
             sdpa_gqa()
             row["sdpa_gqa"] = "enable_gqa"
-            measure(row, "sdpa_flash", sdpa_gqa, device, graph)
+            C.measure(row, "sdpa_flash", sdpa_gqa, device, graph)
         except Exception as exc:  # noqa: BLE001 - no GQA in this flash build: repeat K/V
             row["sdpa_gqa"] = f"repeated K/V ({C.short_error(exc, 120)})"
             try:
@@ -269,14 +174,14 @@ def dense_peers(args, q, k_cache, v_cache, device, graph: bool) -> dict:
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         return F.scaled_dot_product_attention(q4, kr, vr)
 
-                measure(row, "sdpa_flash", sdpa_rep, device, graph)
+                C.measure(row, "sdpa_flash", sdpa_rep, device, graph)
                 del kr, vr
             except Exception as exc2:  # noqa: BLE001
                 row["sdpa_flash_err"] = C.short_error(exc2)
         C.free_memory(device)
     if "flex" in args.peers:
         flex, row["flex_mode"] = flex_fn(device)
-        measure(row, "flex_dense", lambda: flex(q4, k4, v4, enable_gqa=True), device, graph)
+        C.measure(row, "flex_dense", lambda: flex(q4, k4, v4, enable_gqa=True), device, graph)
         C.free_memory(device)
     if "flashinfer" in args.peers:
         flashinfer_dense(row, args, q, k_cache, v_cache, device, graph)
@@ -304,7 +209,7 @@ def flashinfer_dense(row, args, q, k_cache, v_cache, device, graph: bool) -> Non
         plan = getattr(wrapper, "plan", None) or wrapper.begin_forward
         plan(indptr, indices, last, args.hq, hkv, d, bs, data_type=q.dtype)
         run = getattr(wrapper, "run", None) or wrapper.forward
-        measure(row, "flashinfer", lambda: run(q, (k_pages, v_pages)), device, graph)
+        C.measure(row, "flashinfer", lambda: run(q, (k_pages, v_pages)), device, graph)
     except Exception as exc:  # noqa: BLE001
         row["flashinfer_err"] = C.short_error(exc)
     C.free_memory(device)
@@ -341,8 +246,8 @@ def sparse_point(args, row, q, k_cache, v_cache, seqlens, idx, backends, device,
             C.free_memory(device)
             continue
         if ref_out is not None:
-            row[f"{key}_relerr"] = C.clean_float(relerr(ref_out, out[:rows]))
-            row[f"{key}_lse_relerr"] = C.clean_float(relerr(ref_lse, lse[:rows]))
+            row[f"{key}_relerr"] = C.clean_float(C.relerr(ref_out, out[:rows]))
+            row[f"{key}_lse_relerr"] = C.clean_float(C.relerr(ref_lse, lse[:rows]))
             row[f"{key}_ok"] = bool(
                 row[f"{key}_relerr"] is not None and row[f"{key}_relerr"] <= C.RTOL[dtype]
                 and row[f"{key}_lse_relerr"] is not None and row[f"{key}_lse_relerr"] <= C.RTOL[dtype]
@@ -353,7 +258,7 @@ def sparse_point(args, row, q, k_cache, v_cache, seqlens, idx, backends, device,
             with sbackend.use_backend(name):
                 return ops.sparse_decode(q, k_cache, v_cache, seqlens, idx, bs)
 
-        measure(row, key, call, device, graph)
+        C.measure(row, key, call, device, graph)
         C.free_memory(device)
 
     if "flex" in args.peers:
@@ -367,12 +272,12 @@ def sparse_point(args, row, q, k_cache, v_cache, seqlens, idx, backends, device,
 
             out = flex_sparse()[:, :, 0]
             if ref_out is not None:
-                row["flex_sparse_relerr"] = C.clean_float(relerr(ref_out, out[:rows]))
+                row["flex_sparse_relerr"] = C.clean_float(C.relerr(ref_out, out[:rows]))
                 row["flex_sparse_ok"] = bool(
                     row["flex_sparse_relerr"] is not None and row["flex_sparse_relerr"] <= C.RTOL[dtype]
                 )
             del out
-            measure(row, "flex_sparse", flex_sparse, device, graph)
+            C.measure(row, "flex_sparse", flex_sparse, device, graph)
             del mask
         except Exception as exc:  # noqa: BLE001
             row["flex_sparse_err"] = C.short_error(exc)
@@ -382,21 +287,21 @@ def sparse_point(args, row, q, k_cache, v_cache, seqlens, idx, backends, device,
 def summarise(row: dict, backends: dict) -> str:
     """Fill the derived columns (floor fractions, speedups) and return the progress text."""
     for name in DENSE_NAMES:
-        b = best_ms(row, name)
+        b = C.best_ms(row, name)
         if b is not None:
             row[f"{name}_floor_frac"] = row["floor_dense_ms"] / b
-    dense = {n: best_ms(row, n) for n in DENSE_NAMES}
+    dense = {n: C.best_ms(row, n) for n in DENSE_NAMES}
     dense = {n: t for n, t in dense.items() if t is not None}
     if dense:
         row["best_dense"] = min(dense, key=dense.get)
         row["best_dense_ms"] = dense[row["best_dense"]]
-    flex_sparse = best_ms(row, "flex_sparse")
+    flex_sparse = C.best_ms(row, "flex_sparse")
     if flex_sparse is not None:
         row["flex_sparse_floor_frac"] = row["floor_sparse_ms"] / flex_sparse
     parts = [f"floor {row['floor_sparse_ms'] * 1e3:.1f}us"]
     for name in backends:
         key = f"seerattn_{name}"
-        b = best_ms(row, key)
+        b = C.best_ms(row, key)
         if b is None:
             parts.append(f"{name} ERR")
             continue
@@ -420,24 +325,17 @@ def summarise(row: dict, backends: dict) -> str:
     return " | ".join(parts)
 
 
-def done_keys(path: Path | None) -> set[tuple]:
-    if path is None or not path.exists():
-        return set()
-    data = C.load_results(path)
-    return {tuple(r.get(f) for f in KEY_FIELDS) for r in data["rows"]}
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = C.DTYPES[args.dtype]
     graph = not args.no_graph and C.on_gpu(device)
-    backends = pick_backends(args.backends, device)
+    backends = C.pick_backends(args.backends, device)
     info = C.env_info(device)
     info.update(bench="decode", key_fields=KEY_FIELDS, timer=C.timer_name(device),
                 backends={k: v or "available" for k, v in backends.items()}, peers=args.peers)
     out = args.out or C.default_out("decode", info)
-    skip = set() if args.redo else done_keys(args.out)
+    skip = set() if args.redo else C.done_keys(args.out, KEY_FIELDS)
     print(f"# {info.get('gpu') or info.get('cpu')} copy {info['copy_GBps']:.0f} GB/s | "
           f"backends {backends} | peers {args.peers} | timer: {info['timer']}", flush=True)
 
@@ -486,7 +384,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 stopped.append((batch, tokens, s))
                 continue
             keep = max(1, round((1.0 - s) * nblk))
-            idx = random_block_indices(batch, args.hkv, nblk, keep, gen, device)
+            idx = C.random_block_indices(batch, args.hkv, nblk, keep, gen, device)
             row = dict(base, batch=batch, tokens=tokens, sparsity=s, timer=info["timer"],
                        blocks=nblk, blocks_read=keep, true_sparsity=1.0 - keep / nblk)
             row["floor_sparse_ms"] = C.floor_ms(batch * args.hkv * keep * args.block_size * 2 * args.head_dim * elt, device)
