@@ -1,0 +1,235 @@
+"""What choosing the blocks costs, against the sparse decode it feeds.
+
+Per grid point (the bench_decode grid; Dg = 128 by default) and per seerattn backend,
+one attention layer's decode step is split into:
+
+* ``select``: the gate query (``AttnGate.project_q``: ``[B, Hq, D]`` x ``Wq [Hkv, g, D,
+  Dg]``, RMSNorm, RoPE) + ``ops.gate_scores`` over the layer's compression cache +
+  ``ops.select_blocks`` with token budget ``round((1 - sparsity) * Nblk) * block_size``;
+  its parts are also timed alone (``qproj``, ``scores``, ``topk``);
+* ``update``: the compression-cache update, ``GateCache.append`` (write the new pre-RoPE
+  key into the recent-K buffer, ``ops.kpool`` of that block, ``AttnGate.project_k``,
+  masked write of the entry). The integration runs it at *every* step (a mask keeps the
+  entry only where a block completes, so there is no host sync); a block completes
+  only every ``block_size`` steps, so ``update / block_size`` is what an update done only
+  then would cost;
+* ``attn``: ``ops.sparse_decode`` over the selected blocks (budget + sink + last block).
+
+``gate_share`` = (select + update) / (select + update + attn): the gate's share of the
+layer's decode time as the integration runs it; ``gate_share_amortised`` uses
+``update / block_size`` instead. Both use CUDA-graph replay times (a decode step runs
+from a graph), eager where there is no GPU; ``*_eager`` variants use eager times.
+The gate's outputs are checked against ``seerattn_r.reference`` (``scores_relerr``,
+``select_equal``: the selected indices are identical). Random weights and caches: the
+cost does not depend on the values.
+
+    python benchmarks/bench_gate.py --quick --out $OUT/gate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+from seerattn_r import backend as sbackend  # noqa: E402
+from seerattn_r import ops, reference  # noqa: E402
+from seerattn_r.cache import DecodePlan, GateCache  # noqa: E402
+from seerattn_r.gate import AttnGate  # noqa: E402
+
+KEY_FIELDS = ["batch", "tokens", "sparsity", "dtype", "block_size", "hq", "hkv", "head_dim", "gate_dim"]
+PARTS = ("qproj", "scores", "topk", "select", "update", "attn")
+# Estimate printed before the grid: a dozen small timings and one sparse decode per
+# point and backend.
+EST_POINT_S = 6.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_grid_args(p)
+    p.add_argument("--gate-dim", type=int, default=128)
+    return C.finish_grid_args(p, p.parse_args(argv))
+
+
+class Layer:
+    """One attention layer's decode-step state at a grid point: the pre-RoPE query, the
+    KV cache, the gate and its cache, the step's plan."""
+
+    def __init__(self, args, batch: int, tokens: int, dtype: torch.dtype, device: torch.device,
+                 gen: torch.Generator):
+        bs, hq, hkv, d, dg = args.block_size, args.hq, args.hkv, args.head_dim, args.gate_dim
+
+        def randn(*shape):
+            return torch.randn(*shape, dtype=dtype, device=device, generator=gen)
+
+        self.block_size = bs
+        self.q = randn(batch, hq, d)
+        self.k_new = randn(batch, hkv, d)
+        self.k_cache = randn(batch, tokens, hkv, d)
+        self.v_cache = randn(batch, tokens, hkv, d)
+        self.nblk = math.ceil(tokens / bs)
+        self.gate = AttnGate(hkv, hq // hkv, d, dg).to(device=device, dtype=dtype)
+        # Every row at its last token, so `last` = nblk - 1 blocks are scored and the
+        # step completes a block (the update's masked write keeps its entry).
+        positions = torch.full((batch,), tokens - 1, dtype=torch.long, device=device)
+        offsets = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.plan = DecodePlan.build(positions, offsets, bs, dense_until=0)
+        self.cache = GateCache(randn(batch, self.nblk, hkv, dg), randn(batch, bs, hkv, d))
+
+    def qproj(self) -> torch.Tensor:
+        return self.gate.project_q(self.q, self.plan.positions)
+
+    def scores(self, q_gate: torch.Tensor) -> torch.Tensor:
+        return ops.gate_scores(q_gate, self.cache.keys, self.plan.last)
+
+    def topk(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        return ops.select_blocks(scores, self.plan.last, self.plan.seqlens, self.block_size, token_budget=budget)
+
+    def select(self, budget: int) -> torch.Tensor:
+        return self.topk(self.scores(self.qproj()), budget)
+
+    def update(self) -> None:
+        self.cache.append(self.gate, self.k_new, self.plan)
+
+    def attn(self, idx: torch.Tensor) -> torch.Tensor:
+        return ops.sparse_decode(self.q, self.k_cache, self.v_cache, self.plan.seqlens, idx, self.block_size)
+
+
+def check(row: dict, layer: Layer, budget: int, name: str) -> torch.Tensor | None:
+    """The gate's scores and selection under backend ``name`` against the reference, into
+    ``row``; returns the selection (None if it failed)."""
+    try:
+        with sbackend.use_backend(name):
+            q_gate = layer.qproj()
+            scores = layer.scores(q_gate)
+            idx = layer.topk(scores, budget)
+    except Exception as exc:  # noqa: BLE001 - a failing backend is data
+        row[f"{name}_err"] = C.short_error(exc)
+        return None
+    ref_scores = reference.gate_scores(q_gate, layer.cache.keys, layer.plan.last, 1.0 / math.sqrt(q_gate.shape[-1]))
+    ref_idx = reference.select_blocks(scores, layer.plan.last, layer.plan.seqlens, layer.block_size, budget, None, True)
+    row[f"{name}_scores_relerr"] = C.clean_float(C.relerr(ref_scores, scores))
+    row[f"{name}_select_equal"] = bool(torch.equal(ref_idx, idx))
+    row[f"{name}_blocks_read"] = int((idx >= 0).sum(-1).float().mean().item())
+    return idx
+
+
+def point(row: dict, layer: Layer, backends: dict, device: torch.device, graph: bool) -> str:
+    """Time every part under every backend into ``row``; returns the progress text."""
+    budget = row["token_budget"]
+    text = []
+    for name, why_not in backends.items():
+        if why_not is not None:
+            row[f"{name}_err"] = why_not
+            continue
+        idx = check(row, layer, budget, name)
+        if idx is None:
+            continue
+        q_gate = layer.qproj()
+        scores = layer.scores(q_gate)
+        calls = {
+            "qproj": layer.qproj,
+            "scores": lambda: layer.scores(q_gate),
+            "topk": lambda: layer.topk(scores, budget),
+            "select": lambda: layer.select(budget),
+            "update": layer.update,
+            "attn": lambda: layer.attn(idx),
+        }
+        for part, fn in calls.items():
+            def run(fn=fn, name=name):
+                with sbackend.use_backend(name):
+                    return fn()
+
+            C.measure(row, f"{name}_{part}", run, device, graph)
+        text.append(shares(row, name, layer.block_size))
+        C.free_memory(device)
+    return " | ".join(text)
+
+
+def shares(row: dict, name: str, block_size: int) -> str:
+    """Fill ``<name>_gate_share`` (graph times, eager where absent) and the amortised and
+    eager variants; returns the progress text."""
+    for suffix, mode in (("", "graph"), ("_eager", "eager")):
+        def t(part):
+            key = f"{name}_{part}"
+            if mode == "graph" and row.get(f"{key}_graph_ms") is not None:
+                return row[f"{key}_graph_ms"]
+            return row.get(f"{key}_ms")
+
+        sel, upd, attn = t("select"), t("update"), t("attn")
+        if None in (sel, upd, attn):
+            continue
+        row[f"{name}_gate_ms{suffix}"] = sel + upd
+        row[f"{name}_gate_share{suffix}"] = (sel + upd) / (sel + upd + attn)
+        amort = sel + upd / block_size
+        row[f"{name}_gate_share_amortised{suffix}"] = amort / (amort + attn)
+    if f"{name}_gate_share" not in row:
+        errs = [k for k in row if k.startswith(name) and k.endswith("_err")]
+        return f"{name} ERR ({','.join(errs)})"
+    t = {p: row.get(f"{name}_{p}_graph_ms", row.get(f"{name}_{p}_ms")) for p in PARTS}
+    ok = "" if row.get(f"{name}_select_equal") else " SELECT!=REF"
+    return (f"{name}: select {t['select'] * 1e3:.1f}us (q {t['qproj'] * 1e3:.1f} s {t['scores'] * 1e3:.1f} "
+            f"k {t['topk'] * 1e3:.1f}) update {t['update'] * 1e3:.1f}us attn {t['attn'] * 1e3:.1f}us "
+            f"share {row[f'{name}_gate_share']:.1%} (amortised {row[f'{name}_gate_share_amortised']:.1%}){ok}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = C.DTYPES[args.dtype]
+    graph = not args.no_graph and C.on_gpu(device)
+    backends = C.pick_backends(args.backends, device)
+    info = C.env_info(device)
+    info.update(bench="gate", key_fields=KEY_FIELDS, timer=C.timer_name(device),
+                backends={k: v or "available" for k, v in backends.items()})
+    out = args.out or C.default_out("gate", info)
+    base = dict(dtype=args.dtype, block_size=args.block_size, hq=args.hq, hkv=args.hkv,
+                head_dim=args.head_dim, gate_dim=args.gate_dim)
+    skip = set() if args.redo else C.done_keys(args.out, KEY_FIELDS)
+    todo = [
+        (b, t, s) for t in args.tokens for b in args.batch for s in args.sparsity
+        if (b, t, s, *base.values()) not in skip
+    ]
+    print(f"# {info.get('gpu') or info.get('cpu')} | backends {backends} | timer: {info['timer']}", flush=True)
+    print(f"# {len(todo)} points ({len(skip)} already in {args.out}); rough estimate "
+          f"{len(todo) * EST_POINT_S * max(1, len(backends)):.0f}s on a GPU", flush=True)
+    progress = C.Progress(len(todo), args.max_seconds)
+    gen = torch.Generator(device=device)
+    results: list[dict] = []
+    shape_done = None
+    layer = None
+    stopped = 0
+    for batch, tokens, sparsity in todo:
+        if progress.should_stop():
+            stopped += 1
+            continue
+        if shape_done != (batch, tokens):
+            layer = None
+            C.free_memory(device)
+            gen.manual_seed(args.seed)
+            layer = Layer(args, batch, tokens, dtype, device, gen)
+            shape_done = (batch, tokens)
+        keep = max(1, round((1.0 - sparsity) * layer.nblk))
+        row = dict(base, batch=batch, tokens=tokens, sparsity=sparsity, timer=info["timer"],
+                   blocks=layer.nblk, token_budget=keep * args.block_size)
+        text = point(row, layer, backends, device, graph)
+        results.append(row)
+        progress.line(f"B={batch} S={tokens} sp={sparsity} | {text}")
+        C.write_results(out, "gate", info, results)
+    if results:
+        C.write_results(out, "gate", info, results)
+    print(f"# wrote {len(results)} rows to {out}", flush=True)
+    if stopped:
+        print(f"# stopped by --max-seconds before {stopped} points; rerun the same command "
+              f"(with the same --out) to continue", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
