@@ -366,13 +366,13 @@ def _part_summary(info: dict) -> dict:
     return {k: info.get(k) for k in ("date", "commit", "copy_GBps", "argv")}
 
 
-def write_results(path: Path, bench: str, info: dict, rows: list[dict]) -> Path:
+def write_results(path: Path, bench: str, info: dict, rows: list[dict], merge: bool = True) -> Path:
     """Write ``rows`` as a result file at ``path``; if ``path`` already holds a result of the
-    same benchmark and GPU, the new rows are merged into it (so a grid split over several
-    calls can point every call at one file). Written atomically."""
+    same benchmark and GPU and ``merge``, the new rows are merged into it (so a grid split
+    over several calls can point every call at one file). Written atomically."""
     path = Path(path)
     data = {"schema": SCHEMA, "bench": bench, "info": info, "rows": rows}
-    if path.exists():
+    if merge and path.exists():
         data = merge_results([load_results(path), data])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
