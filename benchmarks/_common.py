@@ -201,7 +201,7 @@ _BANDWIDTH: dict[str, dict] = {}
 
 def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
     """Measured copy bandwidth of ``device``: ``dst.copy_(src)`` of ``nbytes`` (default
-    1 GiB on a GPU, or a quarter of free memory if smaller; 256 MiB on CPU), timed like
+    1 GiB on a GPU, or a quarter of free memory if smaller; 64 MiB on CPU), timed like
     any kernel; bandwidth = (bytes read + bytes written) / median time. Cached per device
     for the process. Returns ``{"copy_GBps", "copy_bytes", "copy_ms"}``."""
     key = str(torch.device(device))
@@ -212,7 +212,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
             free, _ = torch.cuda.mem_get_info(device)
             nbytes = min(1 << 30, free // 4)
         else:
-            nbytes = 256 << 20
+            nbytes = 64 << 20
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     ms = time_eager(functools.partial(dst.copy_, src), device, rep_ms=200)

@@ -1,0 +1,100 @@
+"""The benchmark scripts on a two-point CPU subset, so they cannot rot: bench_decode with
+the torch reference and the Triton interpreter (plus SDPA and eager FlexAttention),
+bench_gate with the torch backend, then merge.py and plot.py on their output.
+
+Each script runs in a subprocess (``TRITON_INTERPRET`` must be set before triton is
+imported). Shapes are tiny: the point is that every code path runs and the rows say
+what a CPU run is (host timer, no CUDA graph), not the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bench_smoke
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = ["--batch", "1", "--tokens", "256", "--heads", "4:2", "--head-dim", "64",
+        "--block-size", "16", "--device", "cpu"]
+
+
+def run_script(name: str, args: list[str], interpret: bool = False) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0", SEERATTN_BACKEND="auto")
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def load(path: Path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def decode_json(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "decode.json"
+    run_script("bench_decode.py", [*TINY, "--sparsity", "0.5,0.75", "--backends", "torch,triton",
+                                   "--peers", "sdpa,flex", "--out", str(out)], interpret=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gate_json(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "gate.json"
+    run_script("bench_gate.py", [*TINY, "--gate-dim", "64", "--sparsity", "0.5,0.9",
+                                 "--backends", "torch", "--out", str(out)])
+    return out
+
+
+def test_decode_rows(decode_json):
+    data = load(decode_json)
+    assert data["bench"] == "decode" and data["info"]["copy_GBps"] > 0
+    rows = data["rows"]
+    assert sorted(r["sparsity"] for r in rows) == [0.5, 0.75]
+    for r in rows:
+        assert "host" in r["timer"] and "no CUDA graph" in r["timer"]
+        assert not any(k.endswith("_graph_ms") for k in r), "no graph timings on CPU"
+        errors = {k: v for k, v in r.items() if k.endswith("_err")}
+        assert not errors, errors
+        for name in ("seerattn_torch", "seerattn_triton", "sdpa_flash", "flex_dense", "flex_sparse"):
+            assert r[f"{name}_ms"] > 0, name
+        assert r["seerattn_torch_ok"] and r["seerattn_triton_ok"], r
+        assert r["flex_sparse_ok"], r["flex_sparse_relerr"]
+        assert r["blocks_read"] == round((1 - r["sparsity"]) * r["blocks"])
+        assert 0 < r["floor_sparse_ms"] < r["floor_dense_ms"]
+        assert r["best_dense"] in ("sdpa_flash", "flex_dense")
+
+
+def test_decode_resume_skips_done_points(decode_json):
+    """Rerunning with the same --out measures nothing new and keeps the rows."""
+    before = load(decode_json)["rows"]
+    run_script("bench_decode.py", [*TINY, "--sparsity", "0.5", "--backends", "torch",
+                                   "--peers", "none", "--out", str(decode_json)])
+    assert load(decode_json)["rows"] == before
+
+
+def test_gate_rows(gate_json):
+    data = load(gate_json)
+    rows = data["rows"]
+    assert sorted(r["sparsity"] for r in rows) == [0.5, 0.9]
+    for r in rows:
+        assert not any(k.endswith("_err") for k in r), r
+        assert r["torch_select_equal"] and r["torch_scores_relerr"] == 0.0
+        for part in ("qproj", "scores", "topk", "select", "update", "attn"):
+            assert r[f"torch_{part}_ms"] > 0
+        assert 0 < r["torch_gate_share_amortised"] <= r["torch_gate_share"] < 1
+
+
+def test_merge_and_plot(decode_json, gate_json, tmp_path):
+    merged = tmp_path / "merged.json"
+    run_script("merge.py", [str(merged), str(decode_json), str(decode_json)])
+    assert len(load(merged)["rows"]) == len(load(decode_json)["rows"])
+    run_script("plot.py", [str(merged), str(gate_json), "--out-dir", str(tmp_path)])
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["decode-roofline-cpu.png", "decode-speedup-cpu.png", "gate-share-cpu.png"]
