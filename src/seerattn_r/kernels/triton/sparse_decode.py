@@ -140,10 +140,12 @@ def _sparse_decode_combine_kernel(
     w_sum = tl.sum(w, axis=0)
     part = tl.load(part_out_ptr + pid_b * stride_pb + pid_h * stride_ph + offs_s[:, None] * stride_ps
                    + offs_dv[None, :], mask=split_mask[:, None], other=0.0)
-    out = tl.sum(part * w[:, None], axis=0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    has_tokens = w_sum > 0.0
+    w_sum = tl.where(has_tokens, w_sum, 1.0)
+    out = tl.sum(part * w[:, None], axis=0) / w_sum
     tl.store(out_ptr + pid_b * stride_ob + pid_h * stride_oh + offs_dv, out)
     tl.store(lse_ptr + pid_b * stride_lb + pid_h * stride_lh,
-             tl.where(w_sum > 0.0, m + tl.log(w_sum), float("-inf")))
+             tl.where(has_tokens, m + tl.log(w_sum), float("-inf")))
 
 
 def plan_splits(device: torch.device, work: int, num_slots: int) -> int:
@@ -159,7 +161,7 @@ def plan_splits(device: torch.device, work: int, num_slots: int) -> int:
 
 def _tile(dtype: torch.dtype, d: int, dv: int, block_size: int) -> int:
     """Tokens per K/V tile: the whole block when it fits TILE_BYTES, else a power-of-2 part."""
-    fits = TILE_BYTES // (max(d, dv) * torch.empty((), dtype=dtype).element_size())
+    fits = TILE_BYTES // (max(d, dv) * dtype.itemsize)
     return min(block_size, max(16, fits))
 
 
