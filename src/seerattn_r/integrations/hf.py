@@ -38,6 +38,7 @@ from seerattn_r.baselines import oracle_block_scores, quest_block_scores
 from seerattn_r.cache import DecodePlan, GateCache
 from seerattn_r.config import SparseDecodeConfig
 from seerattn_r.gate import AttnGate, GateRotary, attention_shape
+from seerattn_r.ops._checks import HEAD_DIMS
 
 ATTN_NAME = "seerattn"
 
@@ -312,6 +313,9 @@ def patch_model(model: nn.Module, config: SparseDecodeConfig, gates=None) -> nn.
     if getattr(model, "_seerattn", None) is not None:
         raise ValueError("model is already patched; call unpatch_model(model) first")
     base = _decoder(model)
+    head_dim = attention_shape(model.config)[3]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"the sparse decode kernels take head dims {HEAD_DIMS}; the model's is {head_dim}")
     bad = [i for i in config.dense_layers if not 0 <= i < len(base.layers)]
     if bad:
         raise ValueError(f"dense_layers {bad} out of range for a model with {len(base.layers)} layers")
