@@ -208,3 +208,34 @@ def attn_block_max(
         **params,
     )
     return out, block_max
+
+
+def aot_configs() -> list:
+    """The builds ``tests/test_triton_aot.py`` compiles for NVIDIA and AMD: every dtype,
+    head dims 64/128/256, groups 1 to 8 (3 is padded), every block size, packed or not."""
+    from seerattn_r.kernels.triton._common import aot_config
+
+    kernel = _attn_block_max_kernel
+    ints = {a: "i32" for a in kernel.arg_names if a.startswith("stride_") or a in ("seqlen", "nblk")}
+    cases = [  # dtype, D = Dv, group, block_size, packed (cu_seqlens)
+        (torch.bfloat16, 128, 4, 64, False),  # Qwen3-4B/8B
+        (torch.float16, 128, 8, 64, True),
+        (torch.bfloat16, 64, 3, 64, True),  # SmolLM2
+        (torch.bfloat16, 256, 2, 128, False),
+        (torch.float16, 64, 1, 16, False),
+        (torch.float32, 64, 4, 32, True),
+    ]
+    configs = []
+    for dtype, d, group, bs, packed in cases:
+        dt = "*" + TRITON_DTYPE[dtype]
+        params = _launch_params(group, d)
+        types = dict(ints, q_ptr=dt, k_ptr=dt, v_ptr=dt, out_ptr=dt, bm_ptr="*fp32", cu_ptr="*i32",
+                     sm_scale_log2="fp32")
+        constexprs = dict(GROUP=group, GROUP_PAD=params["GROUP_PAD"], HEAD_DIM=d, HEAD_DIM_V=d,
+                          BLOCK_M=params["BLOCK_M"], BLOCK_N=params["BLOCK_N"], BLOCK_SIZE=bs,
+                          BLOCK_J=params["BLOCK_J"], IS_VARLEN=packed, INTERPRET=False)
+        configs.append(aot_config(
+            f"attn_block_max-{TRITON_DTYPE[dtype]}-D{d}-g{group}-bs{bs}-packed{int(packed)}", kernel, types,
+            constexprs, matrix_cores=dtype != torch.float32,
+            num_warps=params["num_warps"], num_stages=params["num_stages"]))
+    return configs
