@@ -173,7 +173,10 @@ class AttnGate(nn.Module):
             ``[B, N, Hkv, Dg]`` in ``pooled``'s dtype (the K compression cache entries).
         """
         w = self.attngate_linear_k.weight
-        y = torch.einsum("bnhc,hce->bnhe", pooled.to(w.dtype), w)
+        # One [1, 3D] x [3D, Dg] product per (row, block, head), whatever N is: a block's
+        # entry is then bit-identical whether prefill or a decode step computes it (a GEMM
+        # over N rows may round differently than over 1).
+        y = torch.matmul(pooled.to(w.dtype).unsqueeze(-2), w).squeeze(-2)
         return self._norm_rope(y, self.attngate_knorm.weight, block_start_positions, pooled.dtype)
 
     def extra_repr(self) -> str:

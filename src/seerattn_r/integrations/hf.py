@@ -339,11 +339,19 @@ def patch_model(model: nn.Module, config: SparseDecodeConfig, gates=None) -> nn.
     def new_sequence(module, args, kwargs):
         # A compiled step is a decode step by contract: nothing to reset there.
         if torch.compiler.is_compiling():
-            return
+            return None
         cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if cache is None and (use_cache if use_cache is not None else module.config.use_cache):
+            # The model would build this cache itself, out of our sight; build it here so
+            # the next call, which passes it back, is recognised as the same sequence.
+            from transformers import DynamicCache
+
+            cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
         current = rt.cache_ref() if rt.cache_ref is not None else None
         if cache is None or cache is not current:
             rt.reset(cache)
+        return args, kwargs
 
     rt.handles.append(base.register_forward_pre_hook(new_sequence, with_kwargs=True))
     _register_attention()
