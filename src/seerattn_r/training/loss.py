@@ -47,7 +47,9 @@ def sequence_gate_logits(
     k_gate = gate.project_k(pooled.float(), starts)[0]  # [nb, Hkv, Dg]
     positions = torch.arange(first, length, device=device)
     q_gate = gate.project_q(q_pre[first:].float(), positions)  # [R, Hkv, Dg]
-    logits = torch.einsum("rhe,nhe->hrn", q_gate.float(), k_gate.float()) / math.sqrt(gate.gate_dim)
+    # Scores in fp32 even under bf16 autocast: the KL compares small probabilities.
+    with torch.autocast(device_type=device.type, enabled=False):
+        logits = torch.einsum("rhe,nhe->hrn", q_gate.float(), k_gate.float()) / math.sqrt(gate.gate_dim)
     mask = torch.arange(nb, device=device)[None, :] < (positions // block_size)[:, None]
     return logits.masked_fill(~mask, float("-inf")), mask
 
