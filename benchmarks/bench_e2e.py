@@ -13,8 +13,10 @@ skipped). Methods (``label`` in a row):
 * ``seerattn-<budget>``: ``seerattn_r.patch_model`` with random gates, token budgets
   {2k, 4k, 8k} (gate + selection + sparse decode in every layer).
 
-Each method runs eager and compiled (``torch.compile(mode="reduce-overhead",
-fullgraph=True)``, i.e. CUDA graphs); ``ms_per_step`` is the mean over ``--steps`` greedy
+Each method runs ``eager``, ``graph`` (the eager step captured once in a CUDA graph and
+replayed: seconds to set up) and ``compiled`` (``torch.compile(mode="reduce-overhead",
+fullgraph=True)``: Inductor plus CUDA graphs, a minute or two of compile per method and
+shape). ``graph`` is skipped on CPU. ``ms_per_step`` is the mean over ``--steps`` greedy
 decode steps after warm-up, timed with device events around the whole loop (no host sync
 inside it), ``tok_s = batch / step time``. Beside each: the bandwidth floor of a step
 (``floor_ms`` = bytes of weights + the KV blocks read + the gate's compression cache, over
@@ -50,10 +52,9 @@ from seerattn_r.integrations import unpatch_model  # noqa: E402
 KEY_FIELDS = ["model", "context", "batch", "label", "mode", "dtype"]
 DENSE_ATTN = "seerattn_bench_dense"
 PROMPT = 64
-# Rough per-method costs for the estimate printed before a run: a compile with CUDA
-# graphs of the 36-layer step, and an eager measurement.
-EST_COMPILE_S = 90.0
-EST_EAGER_S = 15.0
+# Rough per-run costs for the estimate printed before a run: a compile with CUDA graphs
+# of the 36-layer step; an eager or captured-graph measurement.
+EST_S = {"compiled": 90.0, "graph": 15.0, "eager": 15.0}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budgets", type=lambda s: C.parse_list(s, C.parse_int), default=[2048, 4096, 8192])
     p.add_argument("--methods", default="transformers-sdpa,dense-flashdecode,seerattn",
                    help="subset of transformers-sdpa,dense-flashdecode,seerattn")
-    p.add_argument("--modes", default="eager,compiled", help="subset of eager,compiled")
+    p.add_argument("--modes", default="eager,graph,compiled", help="subset of eager,graph,compiled")
     p.add_argument("--steps", type=int, default=20, help="timed decode steps")
     p.add_argument("--warmup", type=int, default=3, help="decode steps before timing (after compiling)")
     p.add_argument("--layers", type=int, default=36)
@@ -82,6 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.hq, args.hkv = (int(x) for x in args.heads.split(":"))
     args.methods = C.parse_list(args.methods, str)
     args.modes = C.parse_list(args.modes, str)
+    if set(args.modes) - set(EST_S):
+        p.error(f"--modes: unknown {sorted(set(args.modes) - set(EST_S))}; choose from {','.join(EST_S)}")
+    if args.device == "cpu":
+        args.modes = [m for m in args.modes if m != "graph"]  # CUDA graphs need a GPU
     return args
 
 
@@ -159,16 +164,34 @@ def run_method(args, model, label: str, mode: str, context: int, batch: int, dev
                     position_ids=pos.expand(tok.shape[0], 1), cache_position=pos[0])
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
-    fn = step
-    if mode == "compiled":
-        fn = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    pos = torch.tensor([[context]], dtype=torch.long, device=device)
+    state = {"tok": torch.zeros(batch, 1, dtype=torch.long, device=device),
+             "pos": torch.tensor([[context]], dtype=torch.long, device=device)}
+    t0 = time.perf_counter()
+    if mode == "graph":
+        # The step has no host sync by design, so it captures as is; inputs are static
+        # buffers updated in place between replays.
+        out = {}
+
+        def body():
+            out["tok"] = step(state["tok"], state["pos"])
+
+        with torch.no_grad():
+            graph = C.capture_graph(body, device)
+
+        def advance():
+            graph.replay()
+            state["tok"].copy_(out["tok"])
+            state["pos"].add_(1)
+    else:
+        fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if mode == "compiled" else step
+
+        def advance():
+            state["tok"] = fn(state["tok"], state["pos"]).clone()
+            state["pos"] = state["pos"] + 1
+
     with torch.no_grad():
-        t0 = time.perf_counter()
         for _ in range(args.warmup):
-            tok = fn(tok, pos).clone()
-            pos = pos + 1
+            advance()
         if C.on_gpu(device):
             torch.cuda.synchronize(device)
         row["warmup_s"] = time.perf_counter() - t0
@@ -176,16 +199,14 @@ def run_method(args, model, label: str, mode: str, context: int, batch: int, dev
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(args.steps):
-                tok = fn(tok, pos).clone()
-                pos = pos + 1
+                advance()
             end.record()
             torch.cuda.synchronize(device)
             total = start.elapsed_time(end)
         else:
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                tok = fn(tok, pos).clone()
-                pos = pos + 1
+                advance()
             total = (time.perf_counter() - t0) * 1e3
     row["ms_per_step"] = total / args.steps
     row["tok_s"] = batch * 1e3 / row["ms_per_step"]
@@ -265,7 +286,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for ctx in args.context for b in args.batch for label, budget in methods(args) for mode in args.modes
         if (model_name, ctx, b, label, mode, args.dtype) not in skip
     ]
-    est = sum(EST_COMPILE_S if m == "compiled" else EST_EAGER_S for *_, m in todo)
+    est = sum(EST_S[m] for *_, m in todo)
     print(f"# {info.get('gpu') or 'CPU'} copy {info['copy_GBps']:.0f} GB/s | {model_name} | "
           f"{len(todo)} runs, rough estimate {est:.0f}s on a GPU", flush=True)
     progress = C.Progress(len(todo), args.max_seconds)

@@ -187,7 +187,7 @@ def plot_e2e(data: dict, out_dir: Path) -> list[Path]:
         anchor = next((v for k, v in e2e.items() if k in info["gpu"].lower()), None)
     for j, ctx in enumerate(contexts):
         ax = axes[0][j]
-        pr = [r for r in rows if r["context"] == ctx and r.get("tok_s")]
+        pr = [dict(r, label=f"{r['label']} {r['mode']}") for r in rows if r["context"] == ctx and r.get("tok_s")]
         labels = sorted({r["label"] for r in pr})
         batches = sorted({r["batch"] for r in pr})
         width = 0.8 / max(1, len(labels))

@@ -1,6 +1,7 @@
 """The benchmark scripts on a two-point CPU subset, so they cannot rot: bench_decode with
 the torch reference and the Triton interpreter (plus SDPA and eager FlexAttention),
-bench_gate with the torch backend, then merge.py and plot.py on their output.
+bench_gate with the torch backend, bench_e2e eager on a two-layer toy Qwen3 (stock,
+dense flash decoding, patched sparse), then merge.py and plot.py on their output.
 
 Each script runs in a subprocess (``TRITON_INTERPRET`` must be set before triton is
 imported). Shapes are tiny: the point is that every code path runs and the rows say
@@ -91,10 +92,32 @@ def test_gate_rows(gate_json):
         assert 0 < r["torch_gate_share_amortised"] <= r["torch_gate_share"] < 1
 
 
-def test_merge_and_plot(decode_json, gate_json, tmp_path):
+@pytest.fixture(scope="module")
+def e2e_json(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "e2e.json"
+    run_script("bench_e2e.py", ["--layers", "2", "--hidden", "256", "--intermediate", "512",
+                                "--heads", "4:2", "--head-dim", "64", "--vocab", "1000",
+                                "--context", "512", "--batch", "2", "--budgets", "128",
+                                "--modes", "eager", "--steps", "2", "--warmup", "1",
+                                "--device", "cpu", "--out", str(out)])
+    return out
+
+
+def test_e2e_rows(e2e_json):
+    rows = load(e2e_json)["rows"]
+    assert sorted(r["label"] for r in rows) == ["dense-flashdecode", "seerattn-128", "transformers-sdpa"]
+    for r in rows:
+        assert "err" not in r and "skipped" not in r, r
+        assert r["tok_s"] > 0 and r["floor_ms"] > 0
+    sparse = next(r for r in rows if r["label"] == "seerattn-128")
+    dense = next(r for r in rows if r["label"] == "dense-flashdecode")
+    assert sparse["floor_ms"] < dense["floor_ms"]
+
+
+def test_merge_and_plot(decode_json, gate_json, e2e_json, tmp_path):
     merged = tmp_path / "merged.json"
     run_script("merge.py", [str(merged), str(decode_json), str(decode_json)])
     assert len(load(merged)["rows"]) == len(load(decode_json)["rows"])
-    run_script("plot.py", [str(merged), str(gate_json), "--out-dir", str(tmp_path)])
+    run_script("plot.py", [str(merged), str(gate_json), str(e2e_json), "--out-dir", str(tmp_path)])
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert pngs == ["decode-roofline-cpu.png", "decode-speedup-cpu.png", "gate-share-cpu.png"]
+    assert pngs == ["decode-roofline-cpu.png", "decode-speedup-cpu.png", "e2e-cpu.png", "gate-share-cpu.png"]
