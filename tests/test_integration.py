@@ -198,3 +198,14 @@ def test_unsupported_model_and_bad_config():
         SparseDecodeConfig(block_size=48, token_budget=64)
     with pytest.raises(ValueError, match="quest"):
         SparseDecodeConfig(threshold=0.01, selection="quest")
+
+
+def test_generate_command_runs_offline(capsys):
+    from seerattn_r.cli import main
+
+    rc = main(["generate", "--max-new-tokens", "6", "--token-budget", "16", "--block-size", "16",
+               "--gate-dim", "64", "--min-sparse-length", "0", "--prompt", "x" * 40, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "tokens/s" in err and "sparsity" in err
+    assert main(["generate", "--model", "/definitely/not/here"]) == 2
+    assert "does not exist" in capsys.readouterr().err
