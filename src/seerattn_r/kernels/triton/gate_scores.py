@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import TRITON_DTYPE, AotConfig, aot_config
+
 # Elements of one [blocks, Dg] tile held in registers at a time.
 TILE_ELEMS = 4096
 
@@ -58,6 +60,10 @@ def _gate_scores_kernel(
         tl.store(out_row + j, prob, mask=j < nblk)
 
 
+def _blocks_per_tile(dg_pad: int) -> int:
+    return max(1, min(TILE_ELEMS // dg_pad, 64))
+
+
 def gate_scores(q_gate, k_gate, num_blocks, sm_scale):
     """Launch one program per (row, KV head); inputs are validated.
 
@@ -77,6 +83,19 @@ def gate_scores(q_gate, k_gate, num_blocks, sm_scale):
         q_gate.stride(0), q_gate.stride(1),
         k_gate.stride(0), k_gate.stride(1), k_gate.stride(2),
         out.stride(0), out.stride(1),
-        BLOCK_J=max(1, min(TILE_ELEMS // dg_pad, 64)), DG_PAD=dg_pad, num_warps=4,
+        BLOCK_J=_blocks_per_tile(dg_pad), DG_PAD=dg_pad, num_warps=4,
     )
     return out
+
+
+def aot_configs() -> list[AotConfig]:
+    """AOT builds: bf16 gates with Dg 128 (the published ones) and fp32 with Dg 64."""
+    ints = {a: "i32" for a in _gate_scores_kernel.arg_names if a.startswith("stride_") or a in ("nblk", "dg")}
+    configs = []
+    for dtype, dg in ((torch.bfloat16, 128), (torch.float32, 64)):
+        dt = "*" + TRITON_DTYPE[dtype]
+        configs.append(aot_config(
+            f"gate_scores-{TRITON_DTYPE[dtype]}-Dg{dg}", _gate_scores_kernel,
+            dict(ints, q_ptr=dt, k_ptr=dt, num_blocks_ptr="*i32", out_ptr="*fp32", qk_scale="fp32"),
+            dict(BLOCK_J=_blocks_per_tile(dg), DG_PAD=dg), num_warps=4))
+    return configs

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import TRITON_DTYPE, AotConfig, aot_config
+
 # Elements of one [tokens, D] tile held in registers at a time.
 TILE_ELEMS = 4096
 
@@ -80,3 +82,19 @@ def kpool(k, cache_seqlens, block_size, cache_offsets):
         HAS_OFFSETS=cache_offsets is not None, num_warps=4,
     )
     return out
+
+
+def aot_configs() -> list[AotConfig]:
+    """AOT builds: each dtype, head dims 128 and 64, smallest and largest blocks, offsets."""
+    ints = {a: "i32" for a in _kpool_kernel.arg_names if a.startswith("stride_") or a == "D"}
+    configs = []
+    for dtype, d, bs, offsets in ((torch.float16, 128, 64, True), (torch.bfloat16, 64, 16, False),
+                                  (torch.float32, 128, 128, False)):
+        dt = "*" + TRITON_DTYPE[dtype]
+        d_pad = triton.next_power_of_2(d)
+        configs.append(aot_config(
+            f"kpool-{TRITON_DTYPE[dtype]}-D{d}-bs{bs}-off{int(offsets)}", _kpool_kernel,
+            dict(ints, k_ptr=dt, seqlens_ptr="*i32", offsets_ptr="*i32", out_ptr=dt),
+            dict(BLOCK_SIZE=bs, BLOCK_T=_tokens_per_tile(bs, d_pad), D_PAD=d_pad, HAS_OFFSETS=offsets),
+            num_warps=4))
+    return configs

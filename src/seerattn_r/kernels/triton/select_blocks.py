@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import AotConfig, aot_config
+
 
 @triton.jit
 def _order_key(s):
@@ -71,6 +73,10 @@ def _select_blocks_kernel(
     tl.store(out_row + p, tail, mask=(p >= count) & (p < num_slots))
 
 
+def _warps(nblk_pad: int) -> int:
+    return 4 if nblk_pad <= 2048 else 8
+
+
 def select_blocks(scores, num_blocks, cache_seqlens, block_size, token_budget, threshold, sink_block):
     """Launch one program per (row, KV head); inputs are validated.
 
@@ -95,6 +101,21 @@ def select_blocks(scores, num_blocks, cache_seqlens, block_size, token_budget, t
         float(threshold) if threshold is not None else 0.0,
         scores.stride(0), scores.stride(1), scores.stride(2), out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, NBLK_PAD=nblk_pad, SLOTS_PAD=triton.next_power_of_2(num_slots),
-        BY_BUDGET=by_budget, SINK=bool(sink_block), num_warps=4 if nblk_pad <= 2048 else 8,
+        BY_BUDGET=by_budget, SINK=bool(sink_block), num_warps=_warps(nblk_pad),
     )
     return out
+
+
+def aot_configs() -> list[AotConfig]:
+    """AOT builds: budget with sink over 2k blocks (128k tokens of 64), threshold without."""
+    ints = {a: "i32" for a in _select_blocks_kernel.arg_names
+            if a.startswith("stride_") or a in ("nblk", "num_slots", "keep_top")}
+    types = dict(ints, scores_ptr="*fp32", num_blocks_ptr="*i32", seqlens_ptr="*i32", out_ptr="*i32",
+                 threshold="fp32")
+    return [
+        aot_config(f"select_blocks-{mode}", _select_blocks_kernel, types,
+                   dict(BLOCK_SIZE=64, NBLK_PAD=nblk_pad, SLOTS_PAD=slots_pad, BY_BUDGET=by_budget, SINK=sink),
+                   num_warps=_warps(nblk_pad))
+        for mode, nblk_pad, slots_pad, by_budget, sink in (("budget", 2048, 128, True, True),
+                                                           ("threshold", 512, 1024, False, False))
+    ]

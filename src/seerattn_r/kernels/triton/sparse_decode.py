@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TRITON_DTYPE, compute_units, dot, interpreting
+from ._common import TRITON_DTYPE, AotConfig, aot_config, compute_units, dot, interpreting, is_hip
 
 # The plan aims at this many programs per SM/CU: about two waves at the occupancy the tile
 # sizes below allow, so a slow program does not leave the machine idle at the end.
@@ -173,7 +173,10 @@ def _warps(block_n: int, d: int) -> int:
     return 8 if block_n * d >= 16384 else 4
 
 
-NUM_STAGES = 3
+def _stages(hip: bool) -> int:
+    # Two K/V tiles in flight beside the one in use on NVIDIA; AMD's 64 KiB of LDS holds
+    # one in flight.
+    return 2 if hip else 3
 
 
 def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_indices, block_size, sm_scale, cache_offsets):
@@ -213,7 +216,7 @@ def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_indices, block_size,
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, D=d, DV=dv, ROWS_PAD=_rows_pad(rows),
         SLOTS_PAD=triton.next_power_of_2(num_slots), HAS_OFFSETS=cache_offsets is not None,
-        INTERPRET=interpreting(), num_warps=_warps(block_n, max(d, dv)), num_stages=NUM_STAGES,
+        INTERPRET=interpreting(), num_warps=_warps(block_n, max(d, dv)), num_stages=_stages(is_hip()),
     )
     if num_splits > 1:
         _sparse_decode_combine_kernel[(batch, hq)](
@@ -224,3 +227,39 @@ def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_indices, block_size,
             DV=dv, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
         )
     return out, lse
+
+
+def aot_configs() -> list[AotConfig]:
+    """The builds ``tests/test_triton_aot.py`` compiles for NVIDIA and AMD: each dtype and
+    head dim, both output kinds (final and partial), offsets, per-query-head indices and a
+    group past 16, the smallest block and blocks split into tiles."""
+    split = _sparse_decode_split_kernel
+    ints = {a: "i32" for a in split.arg_names if a.startswith("stride_") or a in ("group", "rows", "num_slots")}
+    cases = [  # dtype, D = Dv, block_size, rows per program, offsets, partial (split) outputs
+        (torch.float16, 64, 64, 8, False, False),
+        (torch.float16, 128, 64, 8, True, True),
+        (torch.float16, 256, 32, 4, False, True),
+        (torch.bfloat16, 128, 128, 32, True, False),
+        (torch.float16, 128, 16, 1, False, True),
+        (torch.float32, 128, 64, 8, False, True),
+    ]
+    configs = []
+    for dtype, d, bs, rows, offsets, partial in cases:
+        dt = "*" + TRITON_DTYPE[dtype]
+        block_n = _tile(dtype, d, d, bs)
+        types = dict(ints, q_ptr=dt, k_ptr=dt, v_ptr=dt, seqlens_ptr="*i32", offsets_ptr="*i32",
+                     idx_ptr="*i32", out_ptr="*fp32" if partial else dt, lse_ptr="*fp32", qk_scale="fp32")
+        constexprs = dict(BLOCK_SIZE=bs, BLOCK_N=block_n, D=d, DV=d, ROWS_PAD=_rows_pad(rows), SLOTS_PAD=128,
+                          HAS_OFFSETS=offsets, INTERPRET=False)
+        configs.append(aot_config(
+            f"sparse_decode_split-{TRITON_DTYPE[dtype]}-D{d}-bs{bs}-rows{rows}-off{int(offsets)}-part{int(partial)}",
+            split, types, constexprs, matrix_cores=dtype != torch.float32,
+            hip_options=dict(num_stages=_stages(True)), num_warps=_warps(block_n, d), num_stages=_stages(False)))
+    combine = _sparse_decode_combine_kernel
+    ints = {a: "i32" for a in combine.arg_names if a.startswith("stride_") or a == "num_splits"}
+    for dtype, dv in ((torch.bfloat16, 128), (torch.float32, 256)):
+        dt = "*" + TRITON_DTYPE[dtype]
+        types = dict(ints, part_out_ptr="*fp32", part_lse_ptr="*fp32", out_ptr=dt, lse_ptr="*fp32")
+        configs.append(aot_config(f"sparse_decode_combine-{TRITON_DTYPE[dtype]}-Dv{dv}", combine, types,
+                                  dict(DV=dv, SPLITS_PAD=16), num_warps=4))
+    return configs
