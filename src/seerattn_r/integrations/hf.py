@@ -70,13 +70,15 @@ class Runtime:
             over heads), KV tokens present, decode row-steps. See :func:`sparsity_stats`.
     """
 
-    def __init__(self, model: nn.Module, config: SparseDecodeConfig, gates: list[AttnGate], arch: _Arch) -> None:
+    def __init__(self, config: SparseDecodeConfig, gates: list[AttnGate], previous_attn: str,
+                 requires_grad: dict[str, bool]) -> None:
         self.config = config
         self.gates = gates
-        self.arch = arch
         self.num_layers = len(gates)
         self.dense_layers = frozenset(config.dense_layers)
-        self.head_dim = gates[0].head_dim
+        # What unpatch_model restores.
+        self.previous_attn = previous_attn
+        self.requires_grad = requires_grad
         self.handles: list = []
         self.stats: torch.Tensor | None = None
         # Filled by the capture hooks, which hold these very dicts: clear, never rebind.
@@ -90,6 +92,7 @@ class Runtime:
         self.active = cache is not None
         self.layers: list[GateCache | None] = [None] * self.num_layers
         self.offsets: torch.Tensor | None = None
+        self.prompt_seqlens: torch.Tensor | None = None
         self.plan: DecodePlan | None = None
         self.q_pre.clear()
         self.k_pre.clear()
@@ -325,8 +328,8 @@ def patch_model(model: nn.Module, config: SparseDecodeConfig, gates=None) -> nn.
         _backend.resolve_name(next(model.parameters()).device, config.backend)
     gate_modules = _build_gate_modules(model, config, gates)
     arch = SUPPORTED[model_type]
-    rt = Runtime(model, config, gate_modules, arch)
-    rt.frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    rt = Runtime(config, gate_modules, model.config._attn_implementation,
+                 {name: p.requires_grad for name, p in model.named_parameters()})
     for p in model.parameters():
         p.requires_grad_(False)
     for i, layer in enumerate(base.layers):
@@ -355,7 +358,6 @@ def patch_model(model: nn.Module, config: SparseDecodeConfig, gates=None) -> nn.
 
     rt.handles.append(base.register_forward_pre_hook(new_sequence, with_kwargs=True))
     _register_attention()
-    rt.previous_attn = model.config._attn_implementation
     model.config._attn_implementation = ATTN_NAME
     model._seerattn = rt
     return model
@@ -374,7 +376,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         del layer.self_attn._seerattn_runtime
     model.config._attn_implementation = rt.previous_attn
     for name, p in model.named_parameters():
-        p.requires_grad_(rt.frozen.get(name, p.requires_grad))
+        p.requires_grad_(rt.requires_grad.get(name, p.requires_grad))
     del model._seerattn
     return model
 
