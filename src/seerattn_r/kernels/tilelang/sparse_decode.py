@@ -1,0 +1,461 @@
+"""Block-sparse flash decoding for Hopper (sm_90) in TileLang.
+
+One launch does everything. A CTA serves one (row ``b``, KV head ``h``, split ``s``):
+
+1. It reads the whole index row ``block_indices[b, h, :]`` into a shared-memory bitmap of
+   block ids. The bitmap is what makes the contract cheap: order does not matter,
+   duplicates set the same bit, ``-1`` and ids at or past ``ceil(len_b / block_size)``
+   are never set. Popcounts and a prefix sum over the bitmap rank the selected blocks
+   in ascending order, identically in every CTA of the row, so split ``s`` takes ranks
+   ``[N*s/S, N*(s+1)/S)`` of the ``N`` selected blocks: the work is balanced over the
+   blocks actually selected, not over the padded index array.
+2. Full blocks run through a software-pipelined loop (``T.Pipelined``, TMA loads on
+   Hopper) of two wgmma GEMMs, ``Q K^T`` and ``P V``, for the whole GQA group padded to
+   the wgmma's M of 64 rows, with an online softmax in fp32 (``exp2``, log2(e) folded
+   into the scale). Full blocks need no masking. The one block that can be partial (the
+   row's last, when ``len_b % block_size != 0``) ranks last; its owner loads it after the
+   loop with per-token guards (tokens past the row read as zeros, their scores as -inf),
+   so the cache is never read past a row's tokens.
+3. The split's normalised output and log2-sum-exp go to a fp32 workspace; the last CTA of
+   ``(b, h)`` to finish (an acquire-release counter, reset by that CTA for the next call)
+   combines the splits and writes ``out`` and ``lse``. With one split the CTA writes
+   them directly.
+
+What triggers a compile (one kernel per key, cached in memory and in TileLang's on-disk
+cache, so a second process loads it): the dtype, ``D``, ``Dv``, the block size and the GPU
+architecture. Batch size, cache length (and the caches' strides), the head counts (so the
+GQA group), the number of indices ``M``, the offsets and the split count are run-time
+values: a decode loop compiles once.
+"""
+
+
+
+import functools
+import math
+
+import torch
+
+# wgmma computes 64 rows per warpgroup: the GQA group is padded to that.
+_ROWS = 64
+_THREADS = 128
+# The block-id bitmap: 2048 words cover 65536 blocks (1M tokens at block size 16).
+_BITMAP_WORDS = 2048
+MAX_BLOCKS = _BITMAP_WORDS * 32
+# A split lists at most this many selected blocks in shared memory; the host picks the
+# split count so that no split has more.
+_LIST = 1024
+# Shared memory for the pipeline stages to fill (the H100/H200 limit is 227 KiB per CTA;
+# leave room for the partial-block tiles and barriers).
+_SMEM_BUDGET = 200 * 1024
+# Keep at least this many tiles per split: fewer and the pipeline never fills.
+_MIN_TILES_PER_SPLIT = 2
+_MAX_SPLITS = 128
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+_TILELANG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _tiling(dim: int, dim_v: int, block_size: int) -> tuple[int, int]:
+    """(tokens per tile, pipeline stages). A CTA owns its SM (warp specialisation sets
+    the register split for one CTA of 256 threads), so the stages take what shared memory
+    Q, the bitmap and the block list leave: the more K/V bytes in flight, the closer to
+    the bandwidth floor."""
+    tile = min(block_size, 64)
+    stage_bytes = tile * (dim + dim_v) * 2
+    free = _SMEM_BUDGET - _ROWS * dim * 2 - _BITMAP_WORDS * 4 - _LIST * 4
+    return tile, max(2, min(6, free // stage_bytes))
+
+
+@functools.cache
+def _build(dtype: str, dim: int, dim_v: int, block_size: int, arch: str):
+    """Compile the kernel for one configuration (see the module docstring for the key)."""
+    import tilelang
+
+    return tilelang.compile(
+        _program(dtype, dim, dim_v, block_size),
+        target={"kind": "cuda", "arch": arch},
+        pass_configs=_pass_configs(),
+    )
+
+
+def _pass_configs() -> dict:
+    import tilelang
+
+    # Warp specialisation stays on (it is what lowers T.Pipelined to TMA + mbarriers):
+    # it adds a producer warpgroup, so the kernel runs 256 threads and the code outside
+    # the pipelined loop is written to be right on either warpgroup.
+    return {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+
+
+def lower_source(dtype: str, dim: int, dim_v: int, block_size: int, arch: str) -> str:
+    """CUDA source of one configuration, lowered without nvcc (for the build test)."""
+    import tilelang
+    import tvm
+
+    target = tvm.target.Target({"kind": "cuda", "arch": arch})
+    with tvm.transform.PassContext(config=_pass_configs()), target:
+        func = _program(dtype, dim, dim_v, block_size)
+        return tilelang.lower(func, target=target, enable_device_compile=False).kernel_source
+
+
+def _program(dtype: str, dim: int, dim_v: int, block_size: int):
+    """The TileLang ``prim_func`` for one configuration (also lowered by the build test)."""
+    import tilelang.language as T
+
+    acc = "float32"
+    tile, stages = _tiling(dim, dim_v, block_size)
+    sub = block_size // tile  # tiles per block
+    words_per_thread = _BITMAP_WORDS // _THREADS
+    batch, smax, hkv, hq, m, nsplit, nsem = T.dynamic("batch, smax, hkv, hq, m, nsplit, nsem")
+    skb, sks, skh, svb, svs, svh = T.dynamic("skb, sks, skh, svb, svs, svh")
+    neg_inf = -T.infinity(acc)
+
+    @T.macro
+    def online_softmax(s, p, o, m_i, m_prev, alpha, l_i, rsum, scale, limit, masked: bool):
+        # s holds raw scores; `limit` is the number of valid columns when `masked`.
+        for i, j in T.Parallel(_ROWS, tile):
+            if masked:
+                s[i, j] = T.if_then_else(j < limit, s[i, j] * scale, neg_inf)
+            else:
+                s[i, j] = s[i, j] * scale
+        T.copy(m_i, m_prev)
+        T.reduce_max(s, m_i, dim=1, clear=False)
+        for i in T.Parallel(_ROWS):
+            # m_i is finite here: every tile has at least one valid column.
+            alpha[i] = T.exp2(m_prev[i] - m_i[i])
+        for i, j in T.Parallel(_ROWS, tile):
+            s[i, j] = T.exp2(s[i, j] - m_i[i])
+        T.reduce_sum(s, rsum, dim=1)
+        for i in T.Parallel(_ROWS):
+            l_i[i] = l_i[i] * alpha[i] + rsum[i]
+        T.copy(s, p)
+        for i, j in T.Parallel(_ROWS, dim_v):
+            o[i, j] *= alpha[i]
+
+    @T.prim_func
+    def sparse_decode_kernel(
+        Q: T.Tensor((batch, hq, dim), dtype),
+        K: T.StridedTensor((batch, smax, hkv, dim), (skb, sks, skh, 1), dtype),
+        V: T.StridedTensor((batch, smax, hkv, dim_v), (svb, svs, svh, 1), dtype),
+        seqlens: T.Tensor((batch,), "int32"),
+        offsets: T.Tensor((batch,), "int32"),
+        indices: T.Tensor((batch, hkv, m), "int32"),
+        scale: T.float32,
+        Out: T.Tensor((batch, hq, dim_v), dtype),
+        Lse: T.Tensor((batch, hq), acc),
+        Opart: T.Tensor((batch, hq, nsplit, dim_v), acc),
+        Lpart: T.Tensor((batch, hq, nsplit), acc),
+        sem: T.Tensor((nsem,), "int32"),
+    ):
+        with T.Kernel(nsplit, hkv, batch, threads=_THREADS) as (sid, hk, b):
+            tx = T.get_thread_binding()
+            bitmap = T.alloc_shared((_BITMAP_WORDS,), "uint32")
+            chosen = T.alloc_shared((_LIST,), "int32")
+            counts = T.alloc_shared((_THREADS,), "int32")
+            flag = T.alloc_shared((1,), "int32")
+            lse_row = T.alloc_shared((_ROWS,), acc)
+            q_s = T.alloc_shared((_ROWS, dim), dtype)
+            k_s = T.alloc_shared((tile, dim), dtype)
+            v_s = T.alloc_shared((tile, dim_v), dtype)
+            # The partial block's tiles: not the pipelined buffers, which the pipeline owns.
+            # Shared-memory planning overlaps them with those (disjoint lifetimes).
+            kp_s = T.alloc_shared((tile, dim), dtype)
+            vp_s = T.alloc_shared((tile, dim_v), dtype)
+            s = T.alloc_fragment((_ROWS, tile), acc)
+            p = T.alloc_fragment((_ROWS, tile), dtype)
+            o = T.alloc_fragment((_ROWS, dim_v), acc)
+            m_i = T.alloc_fragment((_ROWS,), acc)
+            m_prev = T.alloc_fragment((_ROWS,), acc)
+            alpha = T.alloc_fragment((_ROWS,), acc)
+            l_i = T.alloc_fragment((_ROWS,), acc)
+            rsum = T.alloc_fragment((_ROWS,), acc)
+            before = T.alloc_var("int32", init=0)
+            total = T.alloc_var("int32", init=0)
+
+            off = offsets[b]
+            group = hq // hkv
+            # Tokens of this row inside the cache; blocks past them are out of range.
+            length = T.max(T.min(seqlens[b], smax - off), 0)
+            nvalid = T.ceildiv(length, block_size)
+            nfull = length // block_size
+            nwords = T.ceildiv(nvalid, 32)
+
+            # 1. Bitmap of the selected, in-range block ids; each thread owns a run of words.
+            for i in T.serial(words_per_thread):
+                if tx * words_per_thread + i < nwords:
+                    bitmap[tx * words_per_thread + i] = T.uint32(0)
+            T.sync_threads()
+            for i in T.serial(T.ceildiv(m, _THREADS)):
+                if i * _THREADS + tx < m:
+                    blk = indices[b, hk, i * _THREADS + tx]
+                    if blk >= 0 and blk < nvalid:
+                        # CUDA's atomicOr: T.atomic_or emits a global-only `red` and faults on shared memory.
+                        T.evaluate(
+                            T.call_extern(
+                                "uint32",
+                                "atomicOr",
+                                T.address_of(bitmap[blk >> 5]),
+                                T.shift_left(T.uint32(1), T.Cast("uint32", blk & 31)),
+                            )
+                        )
+            T.sync_threads()
+            for i in T.serial(words_per_thread):
+                if tx * words_per_thread + i < nwords:
+                    before += T.Cast("int32", T.popcount(bitmap[tx * words_per_thread + i]))
+            if tx < _THREADS:  # warp specialisation runs this part on 2 warpgroups
+                counts[tx] = before
+            T.sync_threads()
+            before = 0
+            for t in T.serial(_THREADS):
+                total += counts[t]
+                before += T.if_then_else(t < tx, counts[t], 0)
+
+            last_word = bitmap[T.max(nvalid - 1, 0) >> 5]
+            partial = T.if_then_else(
+                nfull < nvalid, T.Cast("int32", (last_word >> T.Cast("uint32", (nvalid - 1) & 31)) & T.uint32(1)), 0
+            )
+            lo = total * sid // nsplit
+            hi = total * (sid + 1) // nsplit
+            hi_full = T.min(hi, total - partial)
+
+            for i, d in T.Parallel(_ROWS, dim):
+                q_s[i, d] = T.if_then_else(i < group, Q[b, hk * group + i, d], 0)
+            T.fill(o, 0)
+            T.fill(l_i, 0)
+            T.fill(m_i, neg_inf)
+
+            # 2. This split's full blocks, listed in ascending order (the host picks enough
+            # splits that a split never has more than _LIST of them).
+            for i in T.serial(words_per_thread):
+                w = tx * words_per_thread + i
+                if w < nwords:
+                    word = bitmap[w]
+                    ones = T.Cast("int32", T.popcount(word))
+                    if before < hi_full and before + ones > lo:
+                        for j in T.serial(32):
+                            if (word >> T.Cast("uint32", j)) & T.uint32(1) == T.uint32(1):
+                                if before >= lo and before < hi_full:
+                                    chosen[before - lo] = w * 32 + j
+                                before += 1
+                    else:
+                        before += ones
+            T.sync_threads()
+            for k in T.Pipelined(T.max(hi_full - lo, 0) * sub, num_stages=stages):
+                t0 = off + chosen[k // sub] * block_size + (k % sub) * tile
+                T.copy(K[b, t0 : t0 + tile, hk, :], k_s)
+                T.clear(s)
+                T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                online_softmax(s, p, o, m_i, m_prev, alpha, l_i, rsum, scale, tile, False)
+                T.copy(V[b, t0 : t0 + tile, hk, :], v_s)
+                T.gemm(p, v_s, o, policy=T.GemmWarpPolicy.FullRow)
+
+            # The partial last block: rank total-1, owned by the split whose range ends there.
+            if partial == 1 and hi == total and lo < hi:
+                for j in T.serial(sub):
+                    first = (nvalid - 1) * block_size + j * tile
+                    if first < length:
+                        for i, d in T.Parallel(tile, dim):
+                            kp_s[i, d] = T.if_then_else(first + i < length, K[b, off + first + i, hk, d], 0)
+                        for i, d in T.Parallel(tile, dim_v):
+                            vp_s[i, d] = T.if_then_else(first + i < length, V[b, off + first + i, hk, d], 0)
+                        T.clear(s)
+                        T.gemm(q_s, kp_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                        online_softmax(s, p, o, m_i, m_prev, alpha, l_i, rsum, scale, length - first, True)
+                        T.gemm(p, vp_s, o, policy=T.GemmWarpPolicy.FullRow)
+
+            # 3. This split's normalised output and log2-sum-exp (-inf: it saw no token).
+            for i, d in T.Parallel(_ROWS, dim_v):
+                o[i, d] = T.if_then_else(hi > lo, o[i, d] / l_i[i], 0)
+            for i in T.Parallel(_ROWS):
+                m_i[i] = T.if_then_else(hi > lo, T.log2(l_i[i]) + m_i[i], neg_inf)
+            if nsplit == 1:
+                for i, d in T.Parallel(_ROWS, dim_v):
+                    if i < group:
+                        Out[b, hk * group + i, d] = o[i, d]
+                for i in T.Parallel(_ROWS):
+                    if i < group:
+                        Lse[b, hk * group + i] = m_i[i] * _LN2
+            else:
+                for i, d in T.Parallel(_ROWS, dim_v):
+                    if i < group:
+                        Opart[b, hk * group + i, sid, d] = o[i, d]
+                for i in T.Parallel(_ROWS):
+                    if i < group:
+                        Lpart[b, hk * group + i, sid] = m_i[i]
+                # Publish the partials before counting this split as done.
+                T.evaluate(T.call_extern("handle", "__threadfence"))
+                T.sync_threads()
+                if tx == 0:
+                    done = T.atomic_add(sem[b * hkv + hk], 1, memory_order="acq_rel", return_prev=True)
+                    flag[0] = T.if_then_else(done == nsplit - 1, 1, 0)
+                    if done == nsplit - 1:
+                        sem[b * hkv + hk] = 0  # ready for the next launch
+                T.sync_threads()
+                if flag[0] == 1:
+                    T.evaluate(T.call_extern("handle", "__threadfence"))
+                    if tx < group:
+                        mx = T.alloc_var(acc, init=neg_inf)
+                        tot = T.alloc_var(acc, init=0)
+                        for t in T.serial(nsplit):
+                            mx = T.max(mx, Lpart[b, hk * group + tx, t])
+                        for t in T.serial(nsplit):
+                            tot += T.if_then_else(mx == neg_inf, 0, T.exp2(Lpart[b, hk * group + tx, t] - mx))
+                        lse_row[tx] = T.if_then_else(mx == neg_inf, neg_inf, mx + T.log2(tot))
+                        Lse[b, hk * group + tx] = lse_row[tx] * _LN2
+                    T.sync_threads()
+                    for e in T.serial(T.ceildiv(group * dim_v, _THREADS)):
+                        if e * _THREADS + tx < group * dim_v:
+                            row = (e * _THREADS + tx) // dim_v
+                            d = (e * _THREADS + tx) % dim_v
+                            val = T.alloc_var(acc, init=0)
+                            if lse_row[row] != neg_inf:
+                                for t in T.serial(nsplit):
+                                    val += T.exp2(Lpart[b, hk * group + row, t] - lse_row[row]) * Opart[
+                                        b, hk * group + row, t, d
+                                    ]
+                            Out[b, hk * group + row, d] = val
+
+    return sparse_decode_kernel
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(units: int, max_blocks: int, sub: int, num_sms: int) -> int:
+    """Splits per (row, KV head), from shapes only (no sync): the fewest that fill the
+    SMs about as evenly as any count can, with at least _MIN_TILES_PER_SPLIT tiles each,
+    and enough that no split lists more than _LIST blocks."""
+    least = max(1, math.ceil(max_blocks / _LIST))
+    most = max(least, min(_MAX_SPLITS, (max_blocks * sub) // _MIN_TILES_PER_SPLIT))
+
+    def efficiency(n: int) -> float:
+        ctas = units * n
+        return ctas / (math.ceil(ctas / num_sms) * num_sms)
+
+    best = max(efficiency(n) for n in range(least, most + 1))
+    return next(n for n in range(least, most + 1) if efficiency(n) >= 0.9 * best)
+
+
+# Per (device, stream): the split counters, zero between launches (the last split of each
+# (row, KV head) resets its own). One buffer per stream so concurrent launches never share.
+_counters: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _counter(device: torch.device, size: int) -> torch.Tensor:
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _counters.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        _counters[key] = buf
+    return buf
+
+
+# Per device: zeros read as cache_offsets when none are given (never written).
+_zero_offsets: dict[int, torch.Tensor] = {}
+
+
+def _zeros(device: torch.device, size: int) -> torch.Tensor:
+    buf = _zero_offsets.get(device.index)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        _zero_offsets[device.index] = buf
+    return buf[:size]
+
+
+def _unsupported(q, k_cache, v_cache, block_indices, block_size) -> str | None:
+    """Why these arguments take the Triton kernel instead; None when this kernel runs."""
+    hq, hkv = q.shape[1], k_cache.shape[2]
+    if q.dtype not in _TILELANG_DTYPES:
+        return f"dtype {q.dtype}"
+    if block_indices.shape[1] != hkv:
+        return "per-query-head block_indices [B, Hq, M]"
+    if hq // hkv > _ROWS:
+        return f"GQA group {hq // hkv} > {_ROWS}"
+    if q.shape[2] not in (64, 128, 256) or v_cache.shape[3] not in (64, 128, 256):
+        return "head dim not in (64, 128, 256)"
+    if math.ceil(k_cache.shape[1] / block_size) > MAX_BLOCKS:
+        return f"more than {MAX_BLOCKS} blocks per row"
+    for cache in (k_cache, v_cache):  # TMA: 16-byte aligned base and strides
+        if cache.data_ptr() % 16 or any(s * cache.element_size() % 16 for s in cache.stride()[:3]):
+            return "K/V cache base or strides not 16-byte aligned (TMA)"
+    return None
+
+
+def sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    block_indices: torch.Tensor,
+    block_size: int,
+    sm_scale: float,
+    cache_offsets: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse decode attention on Hopper; the contract is
+    :func:`seerattn_r.ops.sparse_decode` (arguments already validated there).
+
+    Args:
+        q: ``[B, Hq, D]`` fp16/bf16, one query token per row.
+        k_cache: ``[B, Smax, Hkv, D]``, any strides with the last dim contiguous (a
+            transposed ``[B, Hkv, S, D]`` cache works in place; nothing is copied).
+        v_cache: ``[B, Smax, Hkv, Dv]``, same rules.
+        cache_seqlens: ``[B]`` int32, tokens per row.
+        block_indices: ``[B, Hkv, M]`` int32, block ids in any order; ``-1``, duplicates
+            and ids at or past ``ceil(cache_seqlens / block_size)`` contribute nothing.
+        block_size: tokens per block.
+        sm_scale: softmax scale.
+        cache_offsets: ``[B]`` int32 or None; row ``b``'s token ``t`` is
+            ``cache[b, cache_offsets[b] + t]``.
+
+    Returns:
+        ``(out [B, Hq, Dv] q.dtype, lse [B, Hq] float32)``, natural-log LSE; a head with
+        no valid token gets zeros and ``-inf``.
+
+    Runs the Triton kernel (same contract) instead for what this one does not cover:
+    per-query-head indices ``[B, Hq, M]``, fp32, GQA groups over 64, more than 65536
+    blocks per row, and caches whose base or strides are not 16-byte aligned (TMA).
+    Compiles once per (dtype, D, Dv, block_size, GPU arch); batch, lengths, strides,
+    ``Hq``, ``Hkv``, ``M``, offsets and the split count are run-time values.
+    """
+    if _unsupported(q, k_cache, v_cache, block_indices, block_size) is not None:
+        from seerattn_r.kernels.triton.sparse_decode import sparse_decode as triton_sparse_decode
+
+        return triton_sparse_decode(
+            q, k_cache, v_cache, cache_seqlens, block_indices, block_size, sm_scale, cache_offsets
+        )
+    batch, hq, dim = q.shape
+    smax, hkv, dim_v = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    device = q.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    device = torch.device("cuda", index)
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = f"sm_{major}{minor}a" if major >= 9 else f"sm_{major}{minor}"
+    kernel = _build(_TILELANG_DTYPES[q.dtype], dim, dim_v, block_size, arch)
+
+    tile, _ = _tiling(dim, dim_v, block_size)
+    max_blocks = min(block_indices.shape[2], math.ceil(smax / block_size))
+    splits = _num_splits(batch * hkv, max_blocks, block_size // tile, _sm_count(index))
+    out = torch.empty(batch, hq, dim_v, dtype=q.dtype, device=device)
+    lse = torch.empty(batch, hq, dtype=torch.float32, device=device)
+    # The split count travels as this workspace's shape (with one split it stays unused).
+    o_part = torch.empty(batch, hq, splits, dim_v, dtype=torch.float32, device=device)
+    lse_part = torch.empty(batch, hq, splits, dtype=torch.float32, device=device)
+    seqlens = cache_seqlens.contiguous()
+    kernel(
+        q.contiguous(),
+        k_cache,
+        v_cache,
+        seqlens,
+        _zeros(device, batch) if cache_offsets is None else cache_offsets.contiguous(),
+        block_indices.contiguous(),
+        sm_scale * _LOG2E,
+        out,
+        lse,
+        o_part,
+        lse_part,
+        _counter(device, batch * hkv),
+    )
+    return out, lse
