@@ -221,7 +221,7 @@ def sparse_decode(q, k_cache, v_cache, cache_seqlens, block_indices, block_size,
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1), part_lse.stride(2),
         BLOCK_SIZE=block_size, BLOCK_N=block_n, D=d, DV=dv, ROWS_PAD=_rows_pad(rows),
-        SLOTS_PAD=triton.next_power_of_2(num_slots), HAS_OFFSETS=cache_offsets is not None,
+        SLOTS_PAD=max(1, triton.next_power_of_2(num_slots)), HAS_OFFSETS=cache_offsets is not None,
         INTERPRET=interpreting(), num_warps=_warps(block_n, max(d, dv)), num_stages=_stages(is_hip()),
     )
     if num_splits > 1:
