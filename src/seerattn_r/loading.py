@@ -5,7 +5,8 @@ Three sources:
 * a transformers folder (``config.json``, weights, tokenizer files);
 * a GGUF file: ``load_model(folder, gguf_file="name.gguf")`` or a path ending in
   ``.gguf``. transformers de-quantizes it into plain ``nn.Linear`` weights (it needs the
-  ``gguf`` package); SmolLM2-135M's Q4_1 file takes about 25 s on CPU;
+  ``gguf`` and ``accelerate`` packages); SmolLM2-135M's Q4_1 file takes about 25 s on an
+  idle CPU;
 * ``None``: the small random-weight Qwen3 of :func:`seerattn_r.training.models.random_qwen3`
   with a byte tokenizer, so every command runs anywhere.
 
@@ -55,6 +56,26 @@ def resolve_model_path(path: str | Path, gguf_file: str | None = None) -> tuple[
     return path, gguf_file
 
 
+def _gguf_kwargs(gguf_file: str | None) -> dict:
+    if gguf_file is None:
+        return {}
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(
+            f"loading the GGUF model {gguf_file!r} needs {' and '.join(missing)}: "
+            f"pip install {' '.join(missing)}"
+        )
+    return {"gguf_file": gguf_file}
+
+
+def load_tokenizer(path: str | Path, gguf_file: str | None = None):
+    """The tokenizer alone (much faster than :func:`load_model` for a GGUF file)."""
+    from transformers import AutoTokenizer
+
+    folder, gguf_file = resolve_model_path(path, gguf_file)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, **_gguf_kwargs(gguf_file))
+
+
 def load_model(
     path: str | Path | None,
     gguf_file: str | None = None,
@@ -72,7 +93,8 @@ def load_model(
 
     Raises:
         FileNotFoundError: missing folder or file.
-        ImportError: a GGUF model without the ``gguf`` package (says what to install).
+        ImportError: a GGUF model without the ``gguf`` (or ``accelerate``) package; the
+            message says what to pip install.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype if dtype is not None else default_dtype(device)
@@ -86,13 +108,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf_file = resolve_model_path(path, gguf_file)
-    extra = {}
-    if gguf_file is not None:
-        if importlib.util.find_spec("gguf") is None:
-            raise ImportError(
-                f"loading the GGUF model {gguf_file!r} needs the gguf package: pip install gguf"
-            )
-        extra["gguf_file"] = gguf_file
+    extra = _gguf_kwargs(gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     return model.to(device).eval(), tokenizer

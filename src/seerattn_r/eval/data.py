@@ -98,12 +98,19 @@ def render_problem(problem: dict, tokenizer, max_chars: int | None = None) -> st
     return "".join(parts)
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    # transformers tokenizers are callables; the random model's ByteTokenizer only encodes.
+    if callable(tokenizer):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.encode(text)
+
+
 def _prefix_ids(text: str, tokenizer, length: int) -> list[int] | None:
     # Tokenizing a whole 80k-token document to keep its first 8k is wasteful: grow a
     # character prefix until it holds `length` tokens (+1 so the cut is not mid-merge).
     chars = 8 * length
     while True:
-        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        ids = _encode(tokenizer, text[:chars])
         if len(ids) > length or chars >= len(text):
             return ids[:length] if len(ids) >= length else None
         chars *= 2
@@ -152,7 +159,9 @@ def prepare_champ(
         ids = _prefix_ids(render_problem(problems[pid], tokenizer), tokenizer, seq_len)
         if ids is not None:
             sequences.append({"problem": pid, "input_ids": ids})
-    held = {"seq_len": seq_len, "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+    # The tokenizer's name, never its local path (the file may be shared or committed).
+    name = Path(str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)).name
+    held = {"seq_len": seq_len, "tokenizer": name,
             "sequences": sequences}
     (out / HELDOUT_FILE).write_text(json.dumps(held) + "\n")
     return split
