@@ -153,11 +153,11 @@ def test_kpool(device, name, data, poison_empty):
 
 
 @st.composite
-def gate_inputs(draw, device):
+def gate_inputs(draw, device, min_blocks=1):
     batch = draw(st.integers(1, 4))
     hkv = draw(st.integers(1, 4))
     dg = draw(st.sampled_from([32, 64, 128]))
-    nblk = draw(st.integers(1, 300 if device == "cuda" else 40))
+    nblk = draw(st.integers(min_blocks, 300 if device == "cuda" else 40))
     nums = draw(st.lists(st.integers(0, nblk), min_size=batch, max_size=batch))
     return batch, hkv, dg, nblk, nums
 
@@ -186,7 +186,7 @@ def test_gate_scores(device, name, data, poison_empty):
 def test_select_blocks(device, name, data, poison_empty):
     _skip_unavailable(device, name)
     draw = data.draw
-    batch, hkv, _, nblk, nums = draw(gate_inputs(device))
+    batch, hkv, _, nblk, nums = draw(gate_inputs(device, min_blocks=0))
     bs = draw(st.sampled_from([16, 32, 64, 128]))
     # Lengths whose last block is anywhere: before, at, or past the scored range.
     seqlens = [draw(st.integers(0, (nblk + 2) * bs)) for _ in range(batch)]
@@ -206,6 +206,32 @@ def test_select_blocks(device, name, data, poison_empty):
     ref = reference.select_blocks(scores, num, lens, bs, kw.get("token_budget"), kw.get("threshold"), sink)
     assert out.dtype == torch.int32
     assert torch.equal(out.cpu(), ref.cpu()), f"selection differs:\n{out}\nvs reference\n{ref}"
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_triton_sparse_decode_many_splits(splits, monkeypatch, poison_empty):
+    """The split-K path and its combine, whatever the plan picks on this machine."""
+    if "triton" not in cpu_backends() + gpu_backends():
+        pytest.skip("Triton runs here only on a GPU or under TRITON_INTERPRET=1")
+    from seerattn_r.kernels.triton import sparse_decode as triton_sparse_decode
+
+    monkeypatch.setattr(triton_sparse_decode, "plan_splits", lambda *args: splits)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(splits)
+    batch, hkv, group, d, bs, smax = 2, 2, 4, 64, 16, 150
+    q = torch.randn(batch, hkv * group, d, generator=gen).to(device)
+    lens, offs = [150, 61], [0, 70]
+    k = _masked_cache(batch, smax, hkv, d, lens, offs, torch.float32, device, gen)
+    v = _masked_cache(batch, smax, hkv, d, lens, offs, torch.float32, device, gen)
+    idx = torch.tensor([[[9, 3, -1, 0, 3, 7, 12, 1], [-1, -1, -1, -1, -1, -1, -1, -1]],
+                        [[3, 2, 0, 1, 4, 9, -1, 2], [1, 1, 1, 1, 1, 1, 1, 1]]], dtype=torch.int32, device=device)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    offs_t = torch.tensor(offs, dtype=torch.int32, device=device)
+    with use_backend("triton"):
+        out, lse = ops.sparse_decode(q, k, v, lens_t, idx, bs, None, offs_t, return_lse=True)
+    ref_out, ref_lse = reference.sparse_decode(q, k, v, lens_t, idx, bs, d**-0.5, offs_t)
+    assert_close("out", ref_out, out, RTOL[torch.float32])
+    assert_close("lse", ref_lse, lse, 1e-5)
 
 
 # The reference itself, against a plain dense attention over explicitly gathered tokens.

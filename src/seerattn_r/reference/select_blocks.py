@@ -34,23 +34,17 @@ def select_blocks(
     else:
         keep = scored & (scores.float() > threshold)
 
-    seqlens = cache_seqlens.long()[:, None, None]
-    last = (seqlens - 1) // block_size
+    # Candidates: the kept scored blocks, then the forced sink and last blocks (which may lie
+    # at or past Nblk); "none" is a sentinel above every id. Ascending, duplicates dropped.
+    none = torch.iinfo(torch.long).max
+    seqlens = cache_seqlens.long()[:, None, None].expand(batch, hkv, 1)
     nonempty = seqlens > 0
-    forced = (j[None, None, :] == last) & nonempty
-    if sink_block:
-        forced = forced | ((j[None, None, :] == 0) & nonempty)
-    keep = keep | forced
+    last = torch.where(nonempty, (seqlens - 1) // block_size, none)
+    sink = torch.where(nonempty & sink_block, 0, none)
+    cand = torch.cat([torch.where(keep, j, none), sink, last], dim=-1).sort(dim=-1).values
+    repeat = torch.zeros_like(cand, dtype=torch.bool)
+    repeat[..., 1:] = cand[..., 1:] == cand[..., :-1]
+    cand = torch.where(repeat, none, cand).sort(dim=-1).values
 
     m = num_selected_slots(nblk, block_size, token_budget)
-    # Ascending ids first: sort by (not kept, id); a last block past the scores' range
-    # (last >= Nblk) is appended after them.
-    ids = torch.where(keep, j, nblk + j).sort(dim=-1).values
-    ids = torch.where(ids < nblk, ids, -1)
-    beyond = nonempty & (last >= nblk)
-    width = max(m, nblk + 1)
-    out = torch.full((batch, hkv, width), -1, dtype=torch.long, device=device)
-    out[..., :nblk] = ids
-    count = keep.sum(dim=-1, keepdim=True)
-    out.scatter_(-1, count.clamp(max=width - 1), torch.where(beyond, last, -1).expand_as(count))
-    return out[..., :m].to(torch.int32)
+    return torch.where(cand == none, -1, cand)[..., :m].to(torch.int32)
