@@ -116,24 +116,72 @@ def cmd_run(args) -> int:
         print(f"[{time.perf_counter() - start:7.1f}s] sequence {index + 1}/{len(sequences)}: "
               f"{method}{f' @ {budget}' if budget else ''}", flush=True)
 
-    result = evaluate(model, sequences, block_size, gates, methods, args.budgets, args.eval_start, chunk,
-                      on_run=progress if not args.quiet else None)
     split = json.loads((Path(args.data) / "split.json").read_text())
-    result.update(
-        bench="fidelity", info=_info(args, device),
-        model="random-qwen3" if args.model is None else (args.gguf_file or Path(args.model).name),
-        model_dtype=args.dtype, block_size=block_size, eval_start=args.eval_start, seq_len=seq_len,
-        sequences=[s["problem"] for s in chosen], split_seed=split["seed"],
-        gates=None if args.gates is None else {"path": Path(args.gates).name, "config": gate_cfg},
-        seconds=round(time.perf_counter() - start, 1),
-    )
-    print(format_table(result))
     out = args.out or RESULTS_DIR / f"fidelity-b{block_size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+
+    def save(result: dict) -> None:
+        # Written after every sequence, so a run cut short by a time limit keeps its data.
+        result.update(
+            bench="fidelity", info=_info(args, device),
+            model="random-qwen3" if args.model is None else (args.gguf_file or Path(args.model).name),
+            model_dtype=args.dtype, block_size=block_size, eval_start=args.eval_start, seq_len=seq_len,
+            sequences=[s["problem"] for s in chosen[: result["sequences_done"]]], split_seed=split["seed"],
+            gates=None if args.gates is None else {"path": Path(args.gates).name, "config": gate_cfg,
+                                                   "training": _training_summary(Path(args.gates))},
+            seconds=round(time.perf_counter() - start, 1),
+        )
+        out.write_text(json.dumps(result, indent=1) + "\n")
+
+    result = evaluate(model, sequences, block_size, gates, methods, args.budgets, args.eval_start, chunk,
+                      on_run=progress if not args.quiet else None, on_sequence=save)
+    print(format_table(result))
     print(f"results written to {out}")
     if not args.no_plot:
         print(f"plot written to {plot([out], out.with_suffix('.png'))}")
+    return 0
+
+
+def _training_summary(gates_dir: Path) -> dict | None:
+    """What ``seerattn-r train`` logged (``train_log.json``), in short."""
+    log = gates_dir / "train_log.json"
+    if not log.is_file():
+        return None
+    data = json.loads(log.read_text())
+    hist = data.get("history", [])
+    summary = {"steps": len(hist), "heldout_kl": data.get("heldout_kl"), "note": data.get("note")}
+    if hist:
+        tail = hist[-10:]
+        summary.update(loss_first=hist[0]["loss"], loss_last10=sum(h["loss"] for h in tail) / len(tail),
+                       tokens_per_s=sum(h["tokens_per_s"] for h in tail) / len(tail))
+    return summary
+
+
+def cmd_export_gates(args) -> int:
+    """Rewrite a training output folder's gates in bf16 (half the size, the published
+    dtype), from its final gates or, when training was cut short, its last checkpoint."""
+    from seerattn_r.checkpoint import SAFETENSORS_FILE, load_gates, save_gates
+    from seerattn_r.training.trainer import CHECKPOINT
+
+    root = Path(args.dir)
+    if (root / SAFETENSORS_FILE).is_file():
+        state, config = load_gates(root)
+    elif (root / CHECKPOINT).is_file():
+        ckpt = torch.load(root / CHECKPOINT, map_location="cpu", weights_only=True)
+        state = ckpt["gates"]
+        config = {"seerattn_gate_block_size": ckpt["config"]["block_size"], "base_model": args.base_model}
+        note = (f"training stopped at step {ckpt['step']} of {ckpt['config']['steps']} (time limit); "
+                "gates from the last checkpoint")
+        (root / "train_log.json").write_text(json.dumps({"history": ckpt["history"], "note": note}, indent=1) + "\n")
+        print(note)
+    else:
+        print(f"error: {root} holds neither gates nor a training checkpoint", file=sys.stderr)
+        return 2
+    if args.base_model:
+        config["base_model"] = args.base_model
+    save_gates({k: v.to(torch.bfloat16) for k, v in state.items()}, config, root)
+    size = (root / SAFETENSORS_FILE).stat().st_size
+    print(f"bf16 gates written to {root / SAFETENSORS_FILE} ({size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -156,14 +204,17 @@ def plot(paths: list[Path], out: Path) -> Path:
             ax_ppl.plot(x, [100 * r["ppl_change"] for r in runs], marker="o", label=label)
             ax_top1.plot(x, [100 * r["top1_agreement"] for r in runs], marker="o", label=label)
     first = results[0]
+    budgets = sorted({r["budget"] for res in results for r in res["runs"]})
     for ax, ylabel in ((ax_ppl, "perplexity change vs dense (%)"), (ax_top1, "top-1 agreement with dense (%)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("token budget")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend()
     ax_ppl.axhline(0.0, color="black", linewidth=0.8)
-    fig.suptitle(f"{Path(first['model']).name}: {len(first['sequences'])} held-out sequences of "
+    fig.suptitle(f"{Path(first['model']).name}: {len(first['sequences'])} held-out sequence(s) of "
                  f"{first['seq_len']} tokens, sparse past token {first['eval_start']}")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -214,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-plot", action="store_true")
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=cmd_run)
+
+    ex = sub.add_parser("export-gates", help="rewrite a `seerattn-r train` output's gates in bf16")
+    ex.add_argument("dir", type=Path)
+    ex.add_argument("--base-model", default="", help="the base model's name to record in config.json")
+    ex.set_defaults(func=cmd_export_gates)
 
     pl = sub.add_parser("plot", help="plot result files")
     pl.add_argument("results", type=Path, nargs="+")

@@ -103,7 +103,10 @@ def test_evaluate_metrics():
     patch_model(model, SparseDecodeConfig(block_size=16, token_budget=16))
     gates = model._seerattn.gates
     unpatch_model(model)
-    result = evaluate(model, seqs, 16, gates, budgets=(16, 128), eval_start=32, chunk=40)
+    partial = []
+    result = evaluate(model, seqs, 16, gates, budgets=(16, 128), eval_start=32, chunk=40,
+                      on_sequence=lambda r: partial.append(r["sequences_done"]))
+    assert partial == [1, 2] and result["sequences_done"] == 2
     assert result["positions"] == (100 - 33) + (83 - 33)
     assert len(result["runs"]) == 6
     for run in result["runs"]:

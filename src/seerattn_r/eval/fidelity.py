@@ -49,6 +49,7 @@ def evaluate(
     chunk: int = 256,
     backend: str | None = "torch",
     on_run: Callable[[str, int, int], None] | None = None,
+    on_sequence: Callable[[dict], None] | None = None,
 ) -> dict:
     """Fidelity of every (method, budget) pair on ``sequences``.
 
@@ -66,11 +67,13 @@ def evaluate(
         backend: backend of the selection ops.
         on_run: called as ``on_run(method, budget, sequence index)`` before each forward
             (progress reporting).
+        on_sequence: called with the result over the sequences done so far after each
+            sequence (to save partial results of a run that may be cut short).
 
     Returns:
         ``{"dense": {"loss", "ppl"}, "runs": [{"method", "budget", "loss", "ppl",
         "ppl_change", "top1_agreement", "kv_read", "recall", "recall_per_layer",
-        "kv_read_per_layer"}...], "positions"}``.
+        "kv_read_per_layer"}...], "positions", "sequences_done"}``.
     """
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -110,6 +113,14 @@ def evaluate(
             nll_sum[method, budget] += nll.sum().item()
             agree[method, budget] += (top1 == ref_top1).sum().item()
             stats[method, budget].add(st)
+        result = _summary(pairs, dense_nll, positions, nll_sum, agree, stats)
+        result["sequences_done"] = i + 1
+        if on_sequence is not None:
+            on_sequence(result)
+    return result
+
+
+def _summary(pairs, dense_nll: float, positions: int, nll_sum: dict, agree: dict, stats: dict) -> dict:
     dense_loss = dense_nll / positions
     runs = []
     for method, budget in pairs:

@@ -97,17 +97,23 @@ def _arch_modules(model: nn.Module) -> tuple[str, str]:
     return arch.q_module, arch.k_module
 
 
-def _gate_scores(gate: AttnGate, q_pre: torch.Tensor, k_pre: torch.Tensor, rows: torch.Tensor,
-                 block_size: int) -> torch.Tensor:
-    """``[C, Hkv, nb]`` gate probabilities of query ``rows`` over the complete blocks."""
+def _gate_keys(gate: AttnGate, k_pre: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[1, nb, Hkv, Dg]`` K compression cache of the complete blocks of ``k_pre [S, Hkv, D]``
+    (one zero entry when there is none, so shapes stay non-empty)."""
     s, hkv = k_pre.shape[0], k_pre.shape[1]
     nb = s // block_size
     if nb == 0:
-        return q_pre.new_zeros(rows.numel(), hkv, 1, dtype=torch.float32)
+        return k_pre.new_zeros(1, 1, hkv, gate.gate_dim)
     full = torch.tensor([nb * block_size], dtype=torch.int32, device=k_pre.device)
     pooled = ops.kpool(k_pre[None, : nb * block_size], full, block_size)
     starts = torch.arange(nb, device=k_pre.device)[None] * block_size
-    k_gate = gate.project_k(pooled, starts)  # [1, nb, Hkv, Dg]
+    return gate.project_k(pooled, starts)
+
+
+def _gate_scores(gate: AttnGate, q_pre: torch.Tensor, k_gate: torch.Tensor, rows: torch.Tensor,
+                 block_size: int) -> torch.Tensor:
+    """``[C, Hkv, nb]`` gate probabilities of query ``rows`` over the complete blocks before
+    each row's own block (``q_pre [S, Hq, D]``, ``k_gate`` from :func:`_gate_keys`)."""
     q_gate = gate.project_q(q_pre[rows], rows)  # [C, Hkv, Dg]
     num = torch.div(rows, block_size, rounding_mode="floor").to(torch.int32)
     return ops.gate_scores(q_gate, k_gate.expand(rows.numel(), -1, -1, -1), num)
@@ -139,6 +145,8 @@ def _sparse_attention(module, query, key, value, scaling, layer: int, q_pre, k_p
     keys = torch.arange(s, device=device)
     out = torch.empty(s, hq, value.shape[-1], dtype=torch.float32, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # recall, heads, read, present
+    if sparse_layer and cfg.selection == "gate":
+        k_gate = _gate_keys(st.gates[layer], k_pre, bs)
     if sparse_layer and cfg.selection == "quest":
         nb = max(s // bs, 1)
         full = torch.tensor([s], dtype=torch.int32, device=device)
@@ -156,7 +164,7 @@ def _sparse_attention(module, query, key, value, scaling, layer: int, q_pre, k_p
             seqlens = (rows + 1).to(torch.int32)
             last = torch.div(rows, bs, rounding_mode="floor").to(torch.int32)
             if cfg.selection == "gate":
-                scores = _gate_scores(st.gates[layer], q_pre, k_pre, rows, bs)
+                scores = _gate_scores(st.gates[layer], q_pre, k_gate, rows, bs)
             elif cfg.selection == "oracle":
                 padded = torch.nn.functional.pad(dense_probs, (0, nblk * bs - s))
                 scores = padded.view(hkv, group, rows.numel(), nblk, bs).amax(dim=(1, 4)).transpose(0, 1)
