@@ -49,7 +49,7 @@ _LIST = 1024
 _SMEM_BUDGET = 200 * 1024
 # Keep at least this many tiles per split: fewer and the pipeline never fills.
 _MIN_TILES_PER_SPLIT = 2
-_MAX_SPLITS = 128
+_MAX_SPLITS = 64
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
@@ -63,7 +63,7 @@ def _tiling(dim: int, dim_v: int, block_size: int) -> tuple[int, int]:
     the bandwidth floor."""
     tile = min(block_size, 64)
     stage_bytes = tile * (dim + dim_v) * 2
-    free = _SMEM_BUDGET - _ROWS * dim * 2 - _BITMAP_WORDS * 4 - _LIST * 4
+    free = _SMEM_BUDGET - _ROWS * dim * 2 - _BITMAP_WORDS * 4 - _LIST * 4 - _ROWS * _MAX_SPLITS * 4
     return tile, max(2, min(6, free // stage_bytes))
 
 
@@ -155,6 +155,8 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
             counts = T.alloc_shared((_THREADS,), "int32")
             flag = T.alloc_shared((1,), "int32")
             lse_row = T.alloc_shared((_ROWS,), acc)
+            weight = T.alloc_shared((_ROWS * _MAX_SPLITS,), acc)  # combine: per (row, split)
+            acc4 = T.alloc_local((4,), acc)
             q_s = T.alloc_shared((_ROWS, dim), dtype)
             k_s = T.alloc_shared((tile, dim), dtype)
             v_s = T.alloc_shared((tile, dim_v), dtype)
@@ -293,28 +295,50 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                         sem[b * hkv + hk] = 0  # ready for the next launch
                 T.sync_threads()
                 if flag[0] == 1:
+                    # The combine reads group x splits x Dv partials from L2 on one CTA: its
+                    # cost is load latency, so every step issues its loads in parallel.
                     T.evaluate(T.call_extern("handle", "__threadfence"))
+                    pairs = group * nsplit
+                    for e in T.serial(T.ceildiv(pairs, _THREADS)):
+                        if e * _THREADS + tx < pairs:
+                            row = (e * _THREADS + tx) // nsplit
+                            weight[e * _THREADS + tx] = Lpart[b, hk * group + row, (e * _THREADS + tx) % nsplit]
+                    T.sync_threads()
                     if tx < group:
                         mx = T.alloc_var(acc, init=neg_inf)
                         tot = T.alloc_var(acc, init=0)
                         for t in T.serial(nsplit):
-                            mx = T.max(mx, Lpart[b, hk * group + tx, t])
+                            mx = T.max(mx, weight[tx * nsplit + t])
                         for t in T.serial(nsplit):
-                            tot += T.if_then_else(mx == neg_inf, 0, T.exp2(Lpart[b, hk * group + tx, t] - mx))
+                            tot += T.if_then_else(mx == neg_inf, 0, T.exp2(weight[tx * nsplit + t] - mx))
                         lse_row[tx] = T.if_then_else(mx == neg_inf, neg_inf, mx + T.log2(tot))
                         Lse[b, hk * group + tx] = lse_row[tx] * _LN2
                     T.sync_threads()
-                    for e in T.serial(T.ceildiv(group * dim_v, _THREADS)):
-                        if e * _THREADS + tx < group * dim_v:
-                            row = (e * _THREADS + tx) // dim_v
-                            d = (e * _THREADS + tx) % dim_v
-                            val = T.alloc_var(acc, init=0)
-                            if lse_row[row] != neg_inf:
-                                for t in T.serial(nsplit):
-                                    val += T.exp2(Lpart[b, hk * group + row, t] - lse_row[row]) * Opart[
-                                        b, hk * group + row, t, d
-                                    ]
-                            Out[b, hk * group + row, d] = val
+                    for e in T.serial(T.ceildiv(pairs, _THREADS)):
+                        if e * _THREADS + tx < pairs:
+                            row = (e * _THREADS + tx) // nsplit
+                            weight[e * _THREADS + tx] = T.if_then_else(
+                                lse_row[row] == neg_inf, 0, T.exp2(weight[e * _THREADS + tx] - lse_row[row])
+                            )
+                    T.sync_threads()
+                    # Each thread owns 4 adjacent columns of one row; 8 splits' loads in flight.
+                    quads = group * (dim_v // 4)
+                    for e in T.serial(T.ceildiv(quads, _THREADS)):
+                        if e * _THREADS + tx < quads:
+                            row = (e * _THREADS + tx) // (dim_v // 4)
+                            col = (e * _THREADS + tx) % (dim_v // 4) * 4
+                            for v in T.vectorized(4):
+                                acc4[v] = 0
+                            for t0 in T.serial(T.ceildiv(nsplit, 8)):
+                                for u in T.unroll(8):
+                                    if t0 * 8 + u < nsplit:
+                                        for v in T.vectorized(4):
+                                            acc4[v] += (
+                                                weight[row * nsplit + t0 * 8 + u]
+                                                * Opart[b, hk * group + row, t0 * 8 + u, col + v]
+                                            )
+                            for v in T.vectorized(4):
+                                Out[b, hk * group + row, col + v] = acc4[v]
 
     return sparse_decode_kernel
 
