@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seerattn_r.kernels.triton._common import TRITON_DTYPE, dot, interpreting
+from seerattn_r.kernels.triton._common import TRITON_DTYPE, dot, interpreting, is_hip
 
 
 @triton.jit(do_not_specialize=["seqlen", "nblk"])
@@ -153,8 +153,9 @@ def _attn_block_max_kernel(
         tl.store(ptrs, val * inv[:, None], mask=m_ok[:, None] & (offs_j[None, :] < nblk))
 
 
-def _launch_params(group: int, head_dim: int) -> dict:
-    """Tile sizes: about 128 stacked (position, head) rows per program."""
+def _launch_params(group: int, head_dim: int, hip: bool = False) -> dict:
+    """Tile sizes: about 128 stacked (position, head) rows per program. AMD's 64 KiB of LDS
+    holds only one stage of the D=256 tiles (two need 66 KiB)."""
     group_pad = triton.next_power_of_2(group)
     block_m = max(16, 128 // group_pad)
     rows = block_m * group_pad
@@ -164,7 +165,7 @@ def _launch_params(group: int, head_dim: int) -> dict:
         "BLOCK_N": 64 if head_dim <= 128 else 32,
         "BLOCK_J": 64,
         "num_warps": 4 if rows <= 64 else 8,
-        "num_stages": 2,
+        "num_stages": 1 if hip and head_dim > 128 else 2,
     }
 
 
@@ -188,7 +189,7 @@ def attn_block_max(
     alloc = torch.zeros if cu_seqlens is not None else torch.empty
     out = alloc(batch, seqlen, hq, head_dim_v, dtype=q.dtype, device=q.device)
     block_max = alloc(batch, hkv, seqlen, nblk, dtype=torch.float32, device=q.device)
-    params = _launch_params(group, head_dim)
+    params = _launch_params(group, head_dim, is_hip())
     num_seqs = cu_seqlens.numel() - 1 if cu_seqlens is not None else batch
     grid = (triton.cdiv(max_seqlen, params["BLOCK_M"]), num_seqs, hkv)
     _attn_block_max_kernel[grid](
@@ -237,5 +238,6 @@ def aot_configs() -> list:
         configs.append(aot_config(
             f"attn_block_max-{TRITON_DTYPE[dtype]}-D{d}-g{group}-bs{bs}-packed{int(packed)}", kernel, types,
             constexprs, matrix_cores=dtype != torch.float32,
+            hip_options=dict(num_stages=_launch_params(group, d, hip=True)["num_stages"]),
             num_warps=params["num_warps"], num_stages=params["num_stages"]))
     return configs
