@@ -10,7 +10,8 @@
 #   call 1: carry [".device/smollm2-a"]   command: true
 #   call 2: carry [".device/smollm2-b", ".device/whl-gguf", ".device/fidelity-data"]
 #           command: benchmarks/fidelity_gpu.sh gpu
-#   (call 3, if device time allows: same carry, command: BLOCKS=32 benchmarks/fidelity_gpu.sh gpu)
+#   (call 3, if device time allows, machine still warm: carry [".device/fidelity-data"],
+#    command: BLOCKS=32 benchmarks/fidelity_gpu.sh gpu; a cold machine needs calls 1-2 first)
 # What comes back under $OUT: per block size, the bf16 gates (safetensors + config.json) and
 # the fidelity JSON + PNG; copy them to gates/smollm2-b<bs>/ and benchmarks/results/.
 #
@@ -20,9 +21,11 @@
 #     RESULTS=/tmp/fid-smoke-results benchmarks/fidelity_gpu.sh gpu
 #
 # Settings (environment): BLOCKS ("64"), STEPS (150), ACCUM (8 rows of SEQ_LEN per step),
-# SEQ_LEN (8192), WARMUP (10), TRAIN_SECONDS (300), EVAL_SECONDS (200), NUM_SEQS (4),
-# BUDGETS ("256 512 1024 2048"), EVAL_START (1024), MODEL (/tmp/smollm2.gguf, assembled
-# from the two halves), DATA (.device/fidelity-data), PYTHON (python3).
+# SEQ_LEN (8192), WARMUP (10), TRAIN_SECONDS (300; past it, the last checkpoint's gates
+# are used, at most 10 steps old), EVAL_SECONDS (200), NUM_SEQS (8; results are saved after
+# each sequence, so the time limit may leave fewer), BUDGETS ("256 512 1024 2048"),
+# EVAL_START (1024), MODEL (/tmp/smollm2.gguf, assembled from the two halves), DATA
+# (.device/fidelity-data), GATES_ROOT (gates), RESULTS (benchmarks/results), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,7 +54,7 @@ if [ -n "${CPU_SMOKE:-}" ]; then
   EVAL_LEN=$((EVAL_START + 64))
 fi
 BLOCKS=${BLOCKS:-64}; STEPS=${STEPS:-150}; ACCUM=${ACCUM:-8}; SEQ_LEN=${SEQ_LEN:-8192}; WARMUP=${WARMUP:-10}
-TRAIN_SECONDS=${TRAIN_SECONDS:-300}; EVAL_SECONDS=${EVAL_SECONDS:-200}; NUM_SEQS=${NUM_SEQS:-4}
+TRAIN_SECONDS=${TRAIN_SECONDS:-300}; EVAL_SECONDS=${EVAL_SECONDS:-200}; NUM_SEQS=${NUM_SEQS:-8}
 BUDGETS=${BUDGETS:-256 512 1024 2048}; EVAL_START=${EVAL_START:-1024}; DEVICE=${DEVICE:-auto}
 EVAL_LEN=${EVAL_LEN:-$SEQ_LEN}
 RESULTS=${RESULTS:-benchmarks/results}; OUTDIR=${OUT:-}
@@ -62,7 +65,8 @@ if [ -z "${MODEL:-}" ]; then
     cat .device/smollm2-a/part .device/smollm2-b/part > "$MODEL"
   fi
   if ! $PYTHON -c 'import gguf' 2>/dev/null; then
-    $PYTHON -m pip install -q --no-index --no-deps --target /tmp/site .device/whl-gguf/*.whl
+    # Installed by an earlier call on this warm machine, or now from the carried wheel.
+    [ -d /tmp/site/gguf ] || $PYTHON -m pip install -q --no-index --no-deps --target /tmp/site .device/whl-gguf/*.whl
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
   fi
 fi
