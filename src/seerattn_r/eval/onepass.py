@@ -130,7 +130,7 @@ def _quest_scores(q: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor]) ->
     return s.flatten(1, 2)
 
 
-def _sparse_attention(module, query, key, value, scaling, layer: int, q_pre, k_pre, st: _Pass):
+def _sparse_attention(query, key, value, scaling, layer: int, q_pre, k_pre, st: _Pass):
     """One row of the batch: ``query [Hq, S, D]``, ``key``/``value`` ``[Hkv, S, D]`` post-RoPE;
     ``q_pre [S, Hq, D]``, ``k_pre [S, Hkv, D]``. Returns ``[S, Hq, Dv]`` fp32."""
     cfg = st.config
@@ -142,7 +142,7 @@ def _sparse_attention(module, query, key, value, scaling, layer: int, q_pre, k_p
     bs = cfg.block_size if cfg is not None else 1
     nblk = math.ceil(s / bs)
     k_rep, v_rep = key.float().repeat_interleave(group, 0), value.float().repeat_interleave(group, 0)
-    keys = torch.arange(s, device=device)
+    key_pos = torch.arange(s, device=device)
     out = torch.empty(s, hq, value.shape[-1], dtype=torch.float32, device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # recall, heads, read, present
     if sparse_layer and cfg.selection == "gate":
@@ -153,9 +153,11 @@ def _sparse_attention(module, query, key, value, scaling, layer: int, q_pre, k_p
         pooled = ops.kpool(key.transpose(0, 1)[None], full, bs)[0, :nb].float()
         bounds = (pooled[..., d:2 * d], pooled[..., :d])
     for c0 in range(0, s, st.chunk):
-        rows = torch.arange(c0, min(c0 + st.chunk, s), device=device)
-        logits = torch.einsum("hcd,hsd->hcs", query[:, rows].float(), k_rep) * scaling
-        causal = keys[None, :] <= rows[:, None]  # [C, S]
+        c1 = min(c0 + st.chunk, s)
+        rows = torch.arange(c0, c1, device=device)
+        q_rows = query[:, c0:c1].float()  # [Hq, C, D]
+        logits = torch.einsum("hcd,hsd->hcs", q_rows, k_rep) * scaling
+        causal = key_pos[None, :] <= rows[:, None]  # [C, S]
         logits = logits.masked_fill(~causal, float("-inf"))
         if not sparse_layer:
             probs = logits.softmax(-1)
@@ -169,7 +171,7 @@ def _sparse_attention(module, query, key, value, scaling, layer: int, q_pre, k_p
                 padded = torch.nn.functional.pad(dense_probs, (0, nblk * bs - s))
                 scores = padded.view(hkv, group, rows.numel(), nblk, bs).amax(dim=(1, 4)).transpose(0, 1)
             else:
-                scores = _quest_scores(query[:, rows].float(), bounds)
+                scores = _quest_scores(q_rows, bounds)
             idx = ops.select_blocks(scores.contiguous(), last, seqlens, bs, cfg.selection_budget,
                                     cfg.threshold, cfg.sink_block)
             idx = idx.long()
@@ -190,7 +192,7 @@ def _sparse_attention(module, query, key, value, scaling, layer: int, q_pre, k_p
                 (mask.sum(-1).double() * sparse).sum() / hq,
                 (seqlens.double() * sparse).sum(),
             ])
-        out[rows] = torch.einsum("hcs,hsd->chd", probs, v_rep)
+        out[c0:c1] = torch.einsum("hcs,hsd->chd", probs, v_rep)
     if sparse_layer:
         for name, total in zip(("recall", "heads", "read", "present"), sums.cpu()):
             getattr(st.stats, name)[layer] += total
@@ -209,7 +211,7 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     q_pre, k_pre = st.q_pre.pop(layer), st.k_pre.pop(layer)
     rows = [
-        _sparse_attention(module, query[b], key[b], value[b], scaling, layer, q_pre[b], k_pre[b], st)
+        _sparse_attention(query[b], key[b], value[b], scaling, layer, q_pre[b], k_pre[b], st)
         for b in range(query.shape[0])
     ]
     return torch.stack(rows).to(query.dtype), None
