@@ -1,6 +1,10 @@
 """Fidelity evaluation: the one-pass sparse forward against the real decode path, metrics,
 data split, model loading; and (marked ``real``) the same on SmolLM2-135M's GGUF.
 
+Decoding runs on the torch reference backend (``backend="torch"``, also under
+``TRITON_INTERPRET=1``): what is tested here is the one-pass form, not the kernels, which
+their own tests check against the same reference.
+
 The central claim: a single forward in which every query row attends only to its own
 selected blocks computes the same logits as teacher-forced token-by-token sparse decoding.
 ``generate`` with the patched model *is* token-by-token decoding, and greedy decoding
@@ -73,7 +77,7 @@ CASES = [
 def test_one_pass_equals_generate(family, settings):
     model = tiny_model(family)
     prompt = torch.randint(1, 128, (1, 21), generator=torch.Generator().manual_seed(1))
-    config = SparseDecodeConfig(block_size=16, **{"min_sparse_length": 0, **settings})
+    config = SparseDecodeConfig(block_size=16, backend="torch", **{"min_sparse_length": 0, **settings})
     decoded, one, generated, argmax = generate_vs_one_pass(model, prompt, 50, config)
     assert_close("one-pass logits vs decode steps", decoded, one, FP32)
     assert torch.equal(argmax, generated)
@@ -208,14 +212,15 @@ def test_real_smollm2(smollm2):
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     dense = model.generate(prompt, **kwargs)
     # A budget covering the whole context: token-identical to dense (random gates).
-    patch_model(model, SparseDecodeConfig(block_size=64, token_budget=4096, min_sparse_length=0))
+    patch_model(model, SparseDecodeConfig(block_size=64, token_budget=4096, min_sparse_length=0, backend="torch"))
     try:
         sparse = model.generate(prompt, **kwargs)
     finally:
         unpatch_model(model)
     assert torch.equal(dense, sparse)
     # A small budget: the one-pass evaluation equals token-by-token decoding.
-    config = SparseDecodeConfig(block_size=16, token_budget=16, selection="gate", min_sparse_length=0)
+    config = SparseDecodeConfig(block_size=16, token_budget=16, selection="gate", min_sparse_length=0,
+                                backend="torch")
     decoded, one, generated, argmax = generate_vs_one_pass(model, prompt[:, :40], 16, config)
     assert_close("SmolLM2 one-pass vs decode", decoded, one, 1e-4)
     assert torch.equal(argmax, generated)
