@@ -28,8 +28,8 @@ GQA group), the number of indices ``M``, the offsets and the split count are run
 values: a decode loop compiles once.
 """
 
-
-
+# No `from __future__ import annotations`: TileLang evaluates the prim_func's annotations,
+# which name the factory's local symbolic dims.
 import functools
 import math
 
