@@ -224,3 +224,39 @@ def test_real_smollm2(smollm2):
     decoded, one, generated, argmax = generate_vs_one_pass(model, prompt[:, :40], 16, config)
     assert_close("SmolLM2 one-pass vs decode", decoded, one, 1e-4)
     assert torch.equal(argmax, generated)
+
+
+@pytest.mark.bench_smoke
+def test_fidelity_command(tmp_path: Path):
+    """benchmarks/fidelity.py run / export-gates / plot on the random-weight Qwen3 (no
+    --model) with fake held-out data and fresh gates: the command's code paths, in CI."""
+    import os
+    import subprocess
+    import sys
+
+    from seerattn_r.checkpoint import save_gates
+    from seerattn_r.gate import build_gates
+    from seerattn_r.training.models import random_qwen3
+
+    data, gates = tmp_path / "data", tmp_path / "gates"
+    prepare_champ(data, ByteTokenizer(256), seq_len=160, heldout_fraction=0.25, seed=0, problems=fake_problems(8))
+    save_gates(build_gates(random_qwen3().config).state_dict(), {"seerattn_gate_block_size": 32}, gates)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fidelity.py"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+
+    def run(*args: str) -> None:
+        proc = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, f"fidelity.py {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+    out = tmp_path / "fidelity.json"
+    run("run", "--data", str(data), "--gates", str(gates), "--num-seqs", "2", "--eval-start", "64",
+        "--budgets", "32", "64", "--device", "cpu", "--quiet", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["block_size"] == 32 and result["sequences_done"] == 2 and result["positions"] == 2 * 95
+    assert [(r["method"], r["budget"]) for r in result["runs"]] == [
+        (m, b) for m in ("gate", "oracle", "quest") for b in (32, 64)]
+    assert out.with_suffix(".png").stat().st_size > 0
+    run("export-gates", str(gates), "--base-model", "random-qwen3")
+    assert json.loads((gates / "config.json").read_text())["base_model"] == "random-qwen3"
+    run("plot", str(out), str(out), "--out", str(tmp_path / "both.png"))
