@@ -1,7 +1,7 @@
 """Shared fixtures: NaN-poisoned allocations inside op tests and hypothesis profiles.
 
 Profiles: ``ci`` (default: derandomized, few examples, for the CPU interpreter) and ``gpu``
-(random, 250 examples per test): ``SEERATTN_HYPOTHESIS=gpu pytest -m gpu``.
+(random, 200 examples per test): ``SEERATTN_HYPOTHESIS=gpu pytest -m gpu``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 settings.register_profile("ci", max_examples=25, derandomize=True, **_common)
-settings.register_profile("gpu", max_examples=250, **_common)
+settings.register_profile("gpu", max_examples=200, **_common)
 settings.register_profile("dev", max_examples=100, **_common)
 settings.load_profile(os.environ.get("SEERATTN_HYPOTHESIS", "ci"))
 
