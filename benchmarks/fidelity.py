@@ -41,15 +41,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load(args, device: torch.device, dtype: torch.dtype | None = None):
-    from seerattn_r.loading import load_model
-
-    return load_model(args.model, args.gguf_file, dtype=dtype, device=device)
-
-
 def cmd_prepare(args) -> int:
     from seerattn_r.eval.data import prepare_champ
-
     from seerattn_r.loading import load_tokenizer
 
     if args.model is None:
@@ -77,14 +70,15 @@ def _gates(args, model, device):
     return list(gates), block_size, cfg
 
 
-def _info(args, device: torch.device) -> dict:
+def _info(device: torch.device) -> dict:
+    # No argv: it holds local paths, and the settings are recorded field by field.
     import platform
 
     import transformers
 
     info = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "device": str(device), "argv": sys.argv[1:]}
+            "transformers": transformers.__version__, "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -95,7 +89,9 @@ def cmd_run(args) -> int:
     from seerattn_r.eval.fidelity import evaluate, format_table
 
     device = _device(args.device)
-    model, _ = _load(args, device, DTYPES[args.dtype])
+    from seerattn_r.loading import load_model
+
+    model, _ = load_model(args.model, args.gguf_file, dtype=DTYPES[args.dtype], device=device)
     gates, gate_block, gate_cfg = _gates(args, model, device)
     methods = list(args.methods)
     if gates is None and "gate" in methods:
@@ -123,7 +119,7 @@ def cmd_run(args) -> int:
     def save(result: dict) -> None:
         # Written after every sequence, so a run cut short by a time limit keeps its data.
         result.update(
-            bench="fidelity", info=_info(args, device),
+            bench="fidelity", info=_info(device), chunk=chunk,
             model="random-qwen3" if args.model is None else (args.gguf_file or Path(args.model).name),
             model_dtype=args.dtype, block_size=block_size, eval_start=args.eval_start, seq_len=seq_len,
             sequences=[s["problem"] for s in chosen[: result["sequences_done"]]], split_seed=split["seed"],
