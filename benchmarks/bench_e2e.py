@@ -113,20 +113,18 @@ def _register_dense_attention(block_size: int) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    every: dict[tuple, torch.Tensor] = {}
-
     def dense_decode(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if query.shape[2] != 1:
             return sdpa_attention_forward(module, query, key, value, attention_mask,
                                           dropout=dropout, scaling=scaling, **kwargs)
         batch, hkv, smax = key.shape[:3]
         nblk = math.ceil(smax / block_size)
-        shape = (batch, hkv, nblk, str(key.device))
-        if shape not in every:
-            every[shape] = torch.arange(nblk, dtype=torch.int32, device=key.device).expand(batch, hkv, nblk).contiguous()
+        # Built per call (a stride-0 view, no copy): a tensor cached across calls would be
+        # a CUDA-graph output that the next replay overwrites.
+        every = torch.arange(nblk, dtype=torch.int32, device=key.device).expand(batch, hkv, nblk)
         seqlens = (kwargs["position_ids"][:, -1] + 1).to(torch.int32)
         out = ops.sparse_decode(query[:, :, 0], key.transpose(1, 2), value.transpose(1, 2), seqlens,
-                                every[shape], block_size, scaling)
+                                every, block_size, scaling)
         return out[:, None], None
 
     AttentionInterface.register(DENSE_ATTN, dense_decode)

@@ -50,3 +50,17 @@ def test_describe_covers_every_op():
     rows = backend.describe(torch.device("cpu"))
     assert [r[0] for r in rows] == list(backend.OPS)
     assert all(r[1] == "torch" for r in rows)
+
+
+def test_tilelang_needs_opt_in_and_auto_skips_it(monkeypatch):
+    """Even on a Hopper GPU with tilelang installed (faked here), the experimental kernel runs
+    only on request, and auto never picks it."""
+    import seerattn_r.kernels.tilelang as tl_kernels
+
+    monkeypatch.setattr(tl_kernels, "tilelang_unavailable_reason", lambda device: None)
+    cuda = torch.device("cuda")
+    monkeypatch.delenv(backend.TILELANG_OPT_IN, raising=False)
+    assert "SEERATTN_TILELANG_EXPERIMENTAL=1" in backend.unavailable_reason("tilelang", cuda)
+    monkeypatch.setenv(backend.TILELANG_OPT_IN, "1")
+    assert backend.unavailable_reason("tilelang", cuda) is None
+    assert "tilelang" not in backend.AUTO_ORDER

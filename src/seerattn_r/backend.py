@@ -15,9 +15,11 @@ Backends:
               tests).
 ``tilelang``  the Hopper kernels (:mod:`seerattn_r.kernels.tilelang`); NVIDIA sm_90 with
               ``tilelang`` installed. Ops without a TileLang kernel run their Triton
-              kernel under this backend (``seerattn-r info`` lists which).
-``auto``      ``tilelang`` on sm_90 when it imports, else ``triton`` on any CUDA/ROCm
-              GPU, else ``torch`` on CPU.
+              kernel under this backend (``seerattn-r info`` lists which). EXPERIMENTAL:
+              the kernel is exact on the H100 but stalled at batch 1 x 32k tokens in the
+              benchmark, so it runs only with ``SEERATTN_TILELANG_EXPERIMENTAL=1``.
+``auto``      ``triton`` on any CUDA/ROCm GPU, else ``torch`` on CPU. (``tilelang`` joins
+              ``auto`` on sm_90 once it leaves the experimental state.)
 
 Asking for a backend that cannot run on the tensors' device is a ``ValueError`` that says
 why and lists the choices; there is no silent fallback.
@@ -37,6 +39,9 @@ import torch
 BACKENDS = ("torch", "triton", "tilelang")
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "SEERATTN_BACKEND"
+TILELANG_OPT_IN = "SEERATTN_TILELANG_EXPERIMENTAL"
+# Backends ``auto`` tries, in order, before falling back to the torch reference.
+AUTO_ORDER = ("triton",)
 
 # op -> backend -> "module:function". Imported lazily so that importing seerattn_r never
 # imports triton or tilelang. An op missing under "tilelang" uses its Triton kernel there.
@@ -136,7 +141,14 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return f"TileLang needs an NVIDIA Hopper GPU, got a {device.type} tensor"
         from seerattn_r.kernels.tilelang import tilelang_unavailable_reason
 
-        return tilelang_unavailable_reason(device)
+        reason = tilelang_unavailable_reason(device)
+        if reason is None and os.environ.get(TILELANG_OPT_IN, "0") != "1":
+            reason = (
+                "the TileLang sparse_decode kernel is experimental (exact on H100, but it "
+                f"stalled at batch 1 x 32k in the benchmark); set {TILELANG_OPT_IN}=1 to use "
+                "it anyway, or use the triton backend"
+            )
+        return reason
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(CHOICES)}")
 
 
@@ -146,7 +158,7 @@ def resolve_name(device: torch.device, name: str | None = None) -> str:
     device = torch.device(device)
     name = requested() if name is None else _check_name(name, "backend")
     if name == "auto":
-        for candidate in ("tilelang", "triton"):
+        for candidate in AUTO_ORDER:
             if unavailable_reason(candidate, device) is None:
                 return candidate
         return "torch"
@@ -198,7 +210,7 @@ def describe(device: torch.device) -> list[tuple[str, str, str]]:
             for b in ("tilelang", "triton")
             if b != chosen and (r := unavailable_reason(b, device)) is not None
         ]
-        why = "; ".join(skipped) if skipped else "first available of tilelang, triton, torch"
+        why = "; ".join(skipped) if skipped else f"first available of {', '.join(AUTO_ORDER)}, torch"
         if served_by != chosen:
             why = f"{chosen} has no {op} kernel, its Triton kernel runs; " + why
         rows.append((op, served_by, why))
