@@ -158,6 +158,8 @@ def resolve_name(device: torch.device, name: str | None = None) -> str:
     device = torch.device(device)
     name = requested() if name is None else _check_name(name, "backend")
     if name == "auto":
+        if device.type == "cpu":
+            return "torch"  # the Triton interpreter is for tests, never a default
         for candidate in AUTO_ORDER:
             if unavailable_reason(candidate, device) is None:
                 return candidate
