@@ -21,14 +21,17 @@ def _device(name: str) -> torch.device:
 
 
 def _model_and_tokenizer(args, device: torch.device):
+    """``(model, tokenizer, name)``; ``name`` (recorded as the gates' ``base_model``) is the
+    model's file or folder name, never a path of this machine."""
+    from seerattn_r.loading import load_model
     from seerattn_r.training.data import ByteTokenizer
-    from seerattn_r.training.models import load_model, random_qwen3
+    from seerattn_r.training.models import random_qwen3
 
     if args.model is None:
         model = random_qwen3(seed=args.seed).to(device)
         return model, ByteTokenizer(model.config.vocab_size), "random-qwen3"
-    model, tokenizer = load_model(args.model, device, args.gguf_file)
-    return model, tokenizer, str(args.model if args.gguf_file is None else Path(args.model) / args.gguf_file)
+    model, tokenizer = load_model(args.model, gguf_file=args.gguf_file, device=device)
+    return model, tokenizer, Path(args.gguf_file or args.model).name
 
 
 def _documents(args, tokenizer) -> list[np.ndarray]:

@@ -1,8 +1,7 @@
-"""Models to train gates for: a local checkpoint, or a tiny random-weight Qwen3."""
+"""The tiny random-weight Qwen3 that gates train on without ``--model`` (local checkpoints
+load through :mod:`seerattn_r.loading`)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,20 +22,3 @@ def random_qwen3(seed: int = 0, vocab_size: int = 256, **overrides) -> nn.Module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return Qwen3ForCausalLM(Qwen3Config(**settings)).eval()
-
-
-def load_model(path: str | Path, device: torch.device, gguf_file: str | None = None):
-    """``(model, tokenizer)`` from a local transformers folder (or a GGUF file inside it,
-    or a path ending in ``.gguf``): bf16 on a GPU, fp32 on CPU. Nothing is downloaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if path.suffix == ".gguf" and gguf_file is None:
-        path, gguf_file = path.parent, path.name
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **extra)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **extra)
-    return model.to(device).eval(), tokenizer
