@@ -273,6 +273,19 @@ def _commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def _portable_argv(argv: list[str]) -> list[str]:
+    """The command line as recorded in results: the device tool's output folder written as
+    ``$OUT`` and the home folder as ``~``, so no machine's paths land in committed JSON."""
+    swaps = [(os.environ.get("OUT"), "$OUT"), (os.path.expanduser("~"), "~")]
+    out = []
+    for arg in argv:
+        for path, name in swaps:
+            if path and path != "/" and arg.startswith(path):
+                arg = name + arg[len(path):]
+        out.append(arg)
+    return out
+
+
 def env_info(device: torch.device) -> dict:
     """GPU, driver, library versions, commit and date, for a result file's ``info``."""
     device = torch.device(device)
@@ -286,7 +299,7 @@ def env_info(device: torch.device) -> dict:
         "flashinfer": _version("flashinfer") or _version("flashinfer-python"),
         "transformers": _version("transformers"),
         "device_type": device.type,
-        "argv": sys.argv[1:],
+        "argv": _portable_argv(sys.argv[1:]),
     }
     if on_gpu(device):
         props = torch.cuda.get_device_properties(device)
