@@ -41,6 +41,7 @@ from seerattn_r import ops
 from seerattn_r.backend import use_backend
 from seerattn_r.config import SparseDecodeConfig
 from seerattn_r.gate import AttnGate
+from seerattn_r.integrations.hf import capture_pre_rope
 
 ATTN_NAME = "seerattn_onepass"
 
@@ -83,18 +84,6 @@ class _Pass:
 
 
 _state: _Pass | None = None
-
-
-def _arch_modules(model: nn.Module) -> tuple[str, str]:
-    from seerattn_r.integrations.hf import SUPPORTED
-
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED:
-        raise ValueError(
-            f"one-pass evaluation supports model types {', '.join(sorted(SUPPORTED))}; got {model_type!r}"
-        )
-    arch = SUPPORTED[model_type]
-    return arch.q_module, arch.k_module
 
 
 def _gate_keys(gate: AttnGate, k_pre: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -217,13 +206,6 @@ def _attention_forward(module, query, key, value, attention_mask, scaling=None, 
     return torch.stack(rows).to(query.dtype), None
 
 
-def _capture(store: dict, layer: int, head_dim: int):
-    def hook(_module, _args, output):
-        store[layer] = output.view(*output.shape[:2], -1, head_dim)
-
-    return hook
-
-
 @contextlib.contextmanager
 def one_pass(
     model: nn.Module,
@@ -264,13 +246,8 @@ def one_pass(
 
     AttentionInterface.register(ATTN_NAME, _attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    q_name, k_name = _arch_modules(model)
     st = _Pass(config, gates, prompt_len, chunk, LayerStats.zeros(model.config.num_hidden_layers), {}, {})
-    handles = []
-    for layer in model.base_model.layers:
-        attn = layer.self_attn
-        handles.append(getattr(attn, q_name).register_forward_hook(_capture(st.q_pre, attn.layer_idx, attn.head_dim)))
-        handles.append(getattr(attn, k_name).register_forward_hook(_capture(st.k_pre, attn.layer_idx, attn.head_dim)))
+    handles = capture_pre_rope(model, st.q_pre, st.k_pre, user="one-pass evaluation")
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     previous = {key: cfg._attn_implementation for key, cfg in configs.items()}
     scope = use_backend(backend) if backend is not None else contextlib.nullcontext()

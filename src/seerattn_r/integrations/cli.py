@@ -25,8 +25,9 @@ DEFAULT_PROMPT = (
 class _Streamer:
     """A ``generate`` streamer that prints row 0's new tokens as they come and times them."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None) -> None:
+        # sys.stdout looked up per stream, not at import: it may have been replaced since.
+        self.tokenizer, self.out = tokenizer, out if out is not None else sys.stdout
         self.prompt_seen = False
         self.times: list[float] = []
         self.ids: list[int] = []

@@ -242,6 +242,29 @@ def _capture_hook(store: dict, layer: int, head_dim: int):
     return hook
 
 
+def capture_pre_rope(model: nn.Module, q_store: dict, k_store: dict, user: str = "patch_model") -> list:
+    """Forward hooks that put each attention layer's pre-RoPE query and key,
+    ``[B, T, H, D]``, in ``q_store[layer]`` / ``k_store[layer]`` at every forward (the
+    decode path, the training teacher and the one-pass evaluation all read them there).
+
+    Returns the hook handles; ``remove()`` them to undo. ``user`` names the caller in the
+    error for an unsupported model type.
+    """
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(
+            f"{user} supports model types {', '.join(sorted(SUPPORTED))}; got {model_type!r} "
+            f"({type(model).__name__})"
+        )
+    arch = SUPPORTED[model_type]
+    handles = []
+    for i, layer in enumerate(_decoder(model).layers):
+        attn = layer.self_attn
+        handles.append(getattr(attn, arch.q_module).register_forward_hook(_capture_hook(q_store, i, attn.head_dim)))
+        handles.append(getattr(attn, arch.k_module).register_forward_hook(_capture_hook(k_store, i, attn.head_dim)))
+    return handles
+
+
 def _decoder(model: nn.Module) -> nn.Module:
     base = getattr(model, "model", model)
     if not hasattr(base, "layers"):
@@ -327,7 +350,6 @@ def patch_model(model: nn.Module, config: SparseDecodeConfig, gates=None) -> nn.
 
         _backend.resolve_name(next(model.parameters()).device, config.backend)
     gate_modules = _build_gate_modules(model, config, gates)
-    arch = SUPPORTED[model_type]
     rt = Runtime(config, gate_modules, model.config._attn_implementation,
                  {name: p.requires_grad for name, p in model.named_parameters()})
     for p in model.parameters():
@@ -336,8 +358,7 @@ def patch_model(model: nn.Module, config: SparseDecodeConfig, gates=None) -> nn.
         attn = layer.self_attn
         attn.attn_gate = gate_modules[i]
         attn._seerattn_runtime = rt
-        rt.handles.append(getattr(attn, arch.q_module).register_forward_hook(_capture_hook(rt.q_pre, i, attn.head_dim)))
-        rt.handles.append(getattr(attn, arch.k_module).register_forward_hook(_capture_hook(rt.k_pre, i, attn.head_dim)))
+    rt.handles.extend(capture_pre_rope(model, rt.q_pre, rt.k_pre))
 
     def new_sequence(module, args, kwargs):
         # A compiled step is a decode step by contract: nothing to reset there.

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
+from seerattn_r.integrations.hf import capture_pre_rope
 from seerattn_r.ops.attn_block_max import attn_block_max
 
 ATTN_IMPLEMENTATION = "seerattn_teacher"
@@ -85,21 +86,6 @@ def _teacher_attention_forward(module, query, key, value, attention_mask, scalin
 AttentionInterface.register(ATTN_IMPLEMENTATION, _teacher_attention_forward)
 
 
-def attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's self-attention modules in layer order."""
-    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj") and hasattr(m, "k_proj")]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no attention layers with q_proj/k_proj and a layer_idx")
-    return sorted(layers, key=lambda m: m.layer_idx)
-
-
-def _capture(store: dict[int, torch.Tensor], idx: int, head_dim: int):
-    def hook(_module, _inputs, output):
-        store[idx] = output.view(*output.shape[:2], -1, head_dim)
-
-    return hook
-
-
 @contextlib.contextmanager
 def teacher_attention(
     model: nn.Module,
@@ -114,13 +100,7 @@ def teacher_attention(
     at each boundary to the forward. The model's attention implementation is restored on
     exit."""
     state = _State(block_size, cu_seqlens, max_seqlen, on_layer, {}, {})
-    handles = []
-    for attn in attention_layers(model):
-        head_dim = attn.head_dim
-        q_src = attn.q_norm if hasattr(attn, "q_norm") else attn.q_proj
-        k_src = attn.k_norm if hasattr(attn, "k_norm") else attn.k_proj
-        handles.append(q_src.register_forward_hook(_capture(state.pre_q, attn.layer_idx, head_dim)))
-        handles.append(k_src.register_forward_hook(_capture(state.pre_k, attn.layer_idx, head_dim)))
+    handles = capture_pre_rope(model, state.pre_q, state.pre_k, user="gate training")
     configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     previous = {key: cfg._attn_implementation for key, cfg in configs.items()}
     token = _active.set(state)
