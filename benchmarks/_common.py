@@ -273,6 +273,17 @@ def _commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def finish_run(out, bench: str, info: dict, results: list[dict], stopped: int) -> None:
+    """Write the run's rows (merged into ``out``) and say whether ``--max-seconds`` left
+    ``stopped`` points for a rerun of the same command."""
+    if results:
+        write_results(out, bench, info, results)
+    print(f"# wrote {len(results)} rows to {out}", flush=True)
+    if stopped:
+        print(f"# stopped by --max-seconds before {stopped} points; rerun the same command "
+              f"(with the same --out) to continue", flush=True)
+
+
 def _portable_argv(argv: list[str]) -> list[str]:
     """The command line as recorded in results: the device tool's output folder written as
     ``$OUT`` and the home folder as ``~``, so no machine's paths land in committed JSON."""

@@ -398,12 +398,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             del idx
         del q, k_cache, v_cache, seqlens
         C.free_memory(device)
-    if results:
-        C.write_results(out, "decode", info, results)
-    print(f"# wrote {len(results)} rows to {out}", flush=True)
-    if stopped:
-        print(f"# stopped by --max-seconds before {len(stopped)} points; rerun the same command "
-              f"(with the same --out) to continue", flush=True)
+    C.finish_run(out, "decode", info, results, len(stopped))
     return results
 
 

@@ -222,12 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(row)
         progress.line(f"B={batch} S={tokens} sp={sparsity} | {text}")
         C.write_results(out, "gate", info, results)
-    if results:
-        C.write_results(out, "gate", info, results)
-    print(f"# wrote {len(results)} rows to {out}", flush=True)
-    if stopped:
-        print(f"# stopped by --max-seconds before {stopped} points; rerun the same command "
-              f"(with the same --out) to continue", flush=True)
+    C.finish_run(out, "gate", info, results, stopped)
     return results
 
 
