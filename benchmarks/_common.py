@@ -273,6 +273,21 @@ def _commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def start_run(args, bench: str, key_fields: list[str], **extra_info):
+    """What bench_decode and bench_gate set up before their grid: ``(device, dtype, graph,
+    backends, info, out)``; ``graph`` says whether CUDA-graph timings run, ``info`` is the
+    environment plus the run's settings (``extra_info`` too), ``out`` the result file."""
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    graph = not args.no_graph and on_gpu(device)
+    backends = pick_backends(args.backends, device)
+    info = env_info(device)
+    info.update(bench=bench, key_fields=key_fields, timer=timer_name(device),
+                backends={k: v or "available" for k, v in backends.items()}, **extra_info)
+    out = args.out or default_out(bench, info)
+    return device, dtype, graph, backends, info, out
+
+
 def finish_run(out, bench: str, info: dict, results: list[dict], stopped: int) -> None:
     """Write the run's rows (merged into ``out``) and say whether ``--max-seconds`` left
     ``stopped`` points for a rerun of the same command."""

@@ -327,14 +327,7 @@ def summarise(row: dict, backends: dict) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    dtype = C.DTYPES[args.dtype]
-    graph = not args.no_graph and C.on_gpu(device)
-    backends = C.pick_backends(args.backends, device)
-    info = C.env_info(device)
-    info.update(bench="decode", key_fields=KEY_FIELDS, timer=C.timer_name(device),
-                backends={k: v or "available" for k, v in backends.items()}, peers=args.peers)
-    out = args.out or C.default_out("decode", info)
+    device, dtype, graph, backends, info, out = C.start_run(args, "decode", KEY_FIELDS, peers=args.peers)
     skip = set() if args.redo else C.done_keys(args.out, KEY_FIELDS)
     print(f"# {info.get('gpu') or info.get('cpu')} copy {info['copy_GBps']:.0f} GB/s | "
           f"backends {backends} | peers {args.peers} | timer: {info['timer']}", flush=True)

@@ -181,14 +181,7 @@ def shares(row: dict, name: str, block_size: int) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    dtype = C.DTYPES[args.dtype]
-    graph = not args.no_graph and C.on_gpu(device)
-    backends = C.pick_backends(args.backends, device)
-    info = C.env_info(device)
-    info.update(bench="gate", key_fields=KEY_FIELDS, timer=C.timer_name(device),
-                backends={k: v or "available" for k, v in backends.items()})
-    out = args.out or C.default_out("gate", info)
+    device, dtype, graph, backends, info, out = C.start_run(args, "gate", KEY_FIELDS)
     base = dict(dtype=args.dtype, block_size=args.block_size, hq=args.hq, hkv=args.hkv,
                 head_dim=args.head_dim, gate_dim=args.gate_dim)
     skip = set() if args.redo else C.done_keys(args.out, KEY_FIELDS)
