@@ -63,6 +63,18 @@ _IMPLS: dict[str, dict[str, str]] = {
         "torch": "seerattn_r.reference.select_blocks:select_blocks",
         "triton": "seerattn_r.kernels.triton.select_blocks:select_blocks",
     },
+    "gate_project_q": {
+        "torch": "seerattn_r.reference.gate_project_q:gate_project_q",
+        "triton": "seerattn_r.kernels.triton.gate_project_q:gate_project_q",
+    },
+    "gate_keys": {
+        "torch": "seerattn_r.reference.gate_cache:gate_keys",
+        "triton": "seerattn_r.kernels.triton.gate_cache:gate_keys",
+    },
+    "gate_cache_append": {
+        "torch": "seerattn_r.reference.gate_cache:gate_cache_append",
+        "triton": "seerattn_r.kernels.triton.gate_cache:gate_cache_append",
+    },
     "attn_block_max": {
         "torch": "seerattn_r.reference.attn_block_max:attn_block_max",
         "triton": "seerattn_r.kernels.triton.attn_block_max:attn_block_max",

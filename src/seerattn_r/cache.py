@@ -7,6 +7,11 @@ tokens ``j*bs .. j*bs+bs-1``. Entry ``j`` of the compression cache is the gate k
 block ``j`` (pooled pre-RoPE keys, projected, normed, RoPE'd at position ``j*bs``); it is
 written once, when the block completes, and never recomputed. Everything here runs on
 the device without a host sync: which rows complete a block this step is a mask.
+
+On a GPU under ``torch.no_grad`` (see :func:`seerattn_r.gate.use_fused`) the prompt's
+entries come from one ``ops.gate_keys`` kernel and each decode step is one
+``ops.gate_cache_append`` kernel; both share their pooling and projection code, so the
+prefill/decode invariant holds bit for bit there too. Elsewhere the torch code runs.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from seerattn_r import ops
-from seerattn_r.gate import AttnGate
+from seerattn_r.gate import RMS_EPS, AttnGate, use_fused
 
 
 def _static(t: torch.Tensor) -> torch.Tensor:
@@ -66,6 +71,12 @@ class DecodePlan:
         )
 
 
+def _key_params(gate: AttnGate) -> tuple:
+    """The key branch's parameters in the order the cache ops take them."""
+    return (gate.attngate_linear_k.weight, gate.attngate_knorm.weight, gate.rope.inv_freq,
+            gate.rope.attention_scaling, RMS_EPS)
+
+
 class GateCache:
     """One layer's gate state for a batch.
 
@@ -97,6 +108,7 @@ class GateCache:
         offsets: torch.Tensor,
         block_size: int,
         capacity: int,
+        fused: bool | None = None,
     ) -> GateCache:
         """Build the cache from a prompt.
 
@@ -107,12 +119,18 @@ class GateCache:
             offsets: ``[B]`` int32 index of each row's first real token in ``k_pre``.
             block_size: tokens per block.
             capacity: compression-cache entries to allocate (``>= ceil(S / bs)``).
+            fused: compute the entries with ``ops.gate_keys`` (one kernel) instead of
+                ``ops.kpool`` + ``gate.project_k``; default :func:`~seerattn_r.gate.use_fused`.
+                Use the same choice as :meth:`append` for bit-identical entries.
         """
         batch, s, hkv, d = k_pre.shape
-        pooled = ops.kpool(k_pre, seqlens, block_size, offsets)
-        nblk = pooled.shape[1]
-        starts = (torch.arange(nblk, device=k_pre.device) * block_size).expand(batch, nblk)
-        entries = gate.project_k(pooled, starts)
+        if use_fused(fused, k_pre):
+            entries = ops.gate_keys(k_pre, seqlens, block_size, *_key_params(gate), cache_offsets=offsets)
+        else:
+            pooled = ops.kpool(k_pre, seqlens, block_size, offsets)
+            starts = (torch.arange(pooled.shape[1], device=k_pre.device) * block_size).expand(batch, -1)
+            entries = gate.project_k(pooled, starts)
+        nblk = entries.shape[1]
         keys = entries.new_zeros(batch, max(capacity, nblk), hkv, gate.gate_dim)
         keys[:, :nblk] = entries
         # The partial block's tokens seed the recent buffer (slots past them are filled as
@@ -131,10 +149,18 @@ class GateCache:
         grown[:, :have] = self.keys
         self.keys = _static(grown)
 
-    def append(self, gate: AttnGate, k_new: torch.Tensor, plan: DecodePlan) -> None:
+    def append(self, gate: AttnGate, k_new: torch.Tensor, plan: DecodePlan, fused: bool | None = None) -> None:
         """Add the current token's pre-RoPE key ``k_new [B, Hkv, D]``; rows whose block it
-        completes get that block's entry. No host sync: all rows compute an entry and a
-        mask keeps it only where the block completes."""
+        completes get that block's entry. No host sync.
+
+        Fused (default :func:`~seerattn_r.gate.use_fused`): one ``ops.gate_cache_append``
+        kernel that only writes the key in rows that do not complete a block. Torch path:
+        all rows compute an entry and a mask keeps it only where the block completes.
+        """
+        if use_fused(fused, k_new):
+            ops.gate_cache_append(k_new.to(self.recent.dtype), self.recent, self.keys, plan.positions,
+                                  *_key_params(gate))
+            return
         rows = torch.arange(k_new.shape[0], device=k_new.device)
         self.recent[rows, plan.slot] = k_new.to(self.recent.dtype)
         full = torch.full_like(plan.seqlens, self.block_size)

@@ -7,6 +7,12 @@ RMS-normalised over ``Dg`` in fp32 (eps 1e-6, one weight ``[Dg]`` per branch) an
 rotated with a RoPE of rotary dim ``Dg`` that follows the base model's rope type, theta
 and scaling: queries at their absolute position, compressed keys at their block's
 first token. Parameter names and shapes are those of the published SeerAttention-R gates.
+
+Two paths compute the same thing: the torch code here (differentiable, what training runs)
+and the fused decode ops (:func:`seerattn_r.ops.gate_project_q`, ``gate_keys``,
+``gate_cache_append``: one kernel each on a GPU instead of a chain of small ones). The
+fused path runs where :func:`use_fused` says so: asked for explicitly, or by default
+under ``torch.no_grad`` on a GPU.
 """
 
 from __future__ import annotations
@@ -16,8 +22,22 @@ import copy
 import torch
 from torch import nn
 
+from seerattn_r import ops
+
 RMS_EPS = 1e-6
 INIT_STD = 0.02
+
+
+def use_fused(fused: bool | None, x: torch.Tensor) -> bool:
+    """Whether the gate takes the fused (non-differentiable) decode ops for input ``x``.
+
+    ``fused=True``/``False`` forces the choice (``True`` runs the ops on any device, through
+    the selected backend); ``None`` means: only when no gradient is being recorded and
+    ``x`` is on a GPU (CUDA or ROCm), where the fused kernels replace a dozen launches.
+    """
+    if fused is not None:
+        return fused
+    return x.device.type == "cuda" and not torch.is_grad_enabled()
 
 
 class GateRotary(nn.Module):
@@ -145,18 +165,27 @@ class AttnGate(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS) * weight.float()
         return self.rope(x, positions).to(dtype)
 
-    def project_q(self, q_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def project_q(self, q_pre: torch.Tensor, positions: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
         """Gate query.
 
         Args:
             q_pre: ``[..., Hq, D]`` pre-RoPE query (after Qwen3's ``q_norm``), any float dtype.
             positions: ``[...]`` integer absolute positions of those queries.
+            fused: run :func:`seerattn_r.ops.gate_project_q` (one kernel, not
+                differentiable) instead of the torch code; default :func:`use_fused`.
 
         Returns:
             ``[..., Hkv, Dg]`` in ``q_pre``'s dtype: the group's queries projected together,
-            RMS-normed (fp32) and RoPE'd at ``positions``.
+            RMS-normed (fp32) and RoPE'd at ``positions``. The fused path keeps the
+            projection in fp32; the torch path rounds it to the weight's dtype first.
         """
         w = self.attngate_linear_q.weight
+        if use_fused(fused, q_pre):
+            lead = q_pre.shape[:-2]
+            out = ops.gate_project_q(
+                q_pre.reshape(-1, *q_pre.shape[-2:]), w, self.attngate_qnorm.weight, self.rope.inv_freq,
+                positions.expand(lead).reshape(-1), self.rope.attention_scaling, RMS_EPS)
+            return out.reshape(*lead, *out.shape[1:])
         x = q_pre.unflatten(-2, (self.num_kv_heads, self.group)).to(w.dtype)
         y = torch.einsum("...hgd,hgde->...he", x, w)
         return self._norm_rope(y, self.attngate_qnorm.weight, positions, q_pre.dtype)
