@@ -7,17 +7,21 @@ one attention layer's decode step is split into:
   Dg]``, RMSNorm, RoPE) + ``ops.gate_scores`` over the layer's compression cache +
   ``ops.select_blocks`` with token budget ``round((1 - sparsity) * Nblk) * block_size``;
   its parts are also timed alone (``qproj``, ``scores``, ``topk``);
-* ``update``: the compression-cache update, ``GateCache.append`` (write the new pre-RoPE
-  key into the recent-K buffer, ``ops.kpool`` of that block, ``AttnGate.project_k``,
-  masked write of the entry). The integration runs it at *every* step (a mask keeps the
-  entry only where a block completes, so there is no host sync); a block completes
-  only every ``block_size`` steps, so ``update / block_size`` is what an update done only
-  then would cost;
+* ``update``: the compression-cache update, ``GateCache.append``, at a step where every
+  row completes a block (write the new pre-RoPE key into the recent-K buffer, pool the
+  block, project, norm, RoPE, write the entry); ``update_idle``: the same call at a step
+  where no row completes one (only the key is written). The integration calls it at
+  *every* step (no host sync decides whether a block completed);
 * ``attn``: ``ops.sparse_decode`` over the selected blocks (budget + sink + last block).
 
+Everything runs under ``torch.no_grad`` as in decoding, so on a GPU the gate takes its
+fused path (``ops.gate_project_q``, ``ops.gate_cache_append``: one kernel each);
+``qproj_unfused`` and ``update_unfused`` time the torch code (``fused=False``) beside it.
+
 ``gate_share`` = (select + update) / (select + update + attn): the gate's share of the
-layer's decode time as the integration runs it; ``gate_share_amortised`` uses
-``update / block_size`` instead. Both use CUDA-graph replay times (a decode step runs
+layer's decode time at a step that completes blocks; ``gate_share_amortised`` charges
+the update as ``update_idle + (update - update_idle) / block_size``, what it costs per
+step on average (``update / block_size`` where ``update_idle`` is missing). Both use CUDA-graph replay times (a decode step runs
 from a graph), eager where there is no GPU; ``*_eager`` variants use eager times.
 The gate's outputs are checked against ``seerattn_r.reference`` (``scores_relerr``,
 ``select_equal``: the selected indices are identical). Random weights and caches: the
@@ -44,7 +48,7 @@ from seerattn_r.cache import DecodePlan, GateCache  # noqa: E402
 from seerattn_r.gate import AttnGate  # noqa: E402
 
 KEY_FIELDS = ["batch", "tokens", "sparsity", "dtype", "block_size", "hq", "hkv", "head_dim", "gate_dim"]
-PARTS = ("qproj", "scores", "topk", "select", "update", "attn")
+PARTS = ("qproj", "scores", "topk", "select", "update", "update_idle", "attn")
 # Estimate printed before the grid: a dozen small timings and one sparse decode per
 # point and backend.
 EST_POINT_S = 6.0
@@ -80,10 +84,12 @@ class Layer:
         positions = torch.full((batch,), tokens - 1, dtype=torch.long, device=device)
         offsets = torch.zeros(batch, dtype=torch.int32, device=device)
         self.plan = DecodePlan.build(positions, offsets, bs, dense_until=0)
+        # The step before: the same blocks are scored, no row completes one.
+        self.idle_plan = DecodePlan.build(positions - 1, offsets, bs, dense_until=0)
         self.cache = GateCache(randn(batch, self.nblk, hkv, dg), randn(batch, bs, hkv, d))
 
-    def qproj(self) -> torch.Tensor:
-        return self.gate.project_q(self.q, self.plan.positions)
+    def qproj(self, fused: bool | None = None) -> torch.Tensor:
+        return self.gate.project_q(self.q, self.plan.positions, fused=fused)
 
     def scores(self, q_gate: torch.Tensor) -> torch.Tensor:
         return ops.gate_scores(q_gate, self.cache.keys, self.plan.last)
@@ -94,24 +100,38 @@ class Layer:
     def select(self, budget: int) -> torch.Tensor:
         return self.topk(self.scores(self.qproj()), budget)
 
-    def update(self) -> None:
-        self.cache.append(self.gate, self.k_new, self.plan)
+    def update(self, idle: bool = False, fused: bool | None = None) -> None:
+        self.cache.append(self.gate, self.k_new, self.idle_plan if idle else self.plan, fused=fused)
 
     def attn(self, idx: torch.Tensor) -> torch.Tensor:
         return ops.sparse_decode(self.q, self.k_cache, self.v_cache, self.plan.seqlens, idx, self.block_size)
 
 
+def check_update(layer: Layer) -> float:
+    """Relative error of the completed entries written by ``GateCache.append`` (the
+    current backend and path) against the torch code's, on copies of the cache."""
+    entries = []
+    for fused in (None, False):
+        cache = GateCache(layer.cache.keys.clone(), layer.cache.recent.clone())
+        cache.append(layer.gate, layer.k_new, layer.plan, fused=fused)
+        entries.append(cache.keys[:, layer.nblk - 1])
+    return C.relerr(entries[1], entries[0])
+
+
 def check(row: dict, layer: Layer, budget: int, name: str) -> torch.Tensor | None:
-    """The gate's scores and selection under backend ``name`` against the reference, into
-    ``row``; returns the selection (None if it failed)."""
+    """The gate's query, cache update, scores and selection under backend ``name`` against
+    the torch code and the references, into ``row``; returns the selection (None if it
+    failed)."""
     try:
         with sbackend.use_backend(name):
             q_gate = layer.qproj()
             scores = layer.scores(q_gate)
             idx = layer.topk(scores, budget)
+            row[f"{name}_update_relerr"] = C.clean_float(check_update(layer))
     except Exception as exc:  # noqa: BLE001 - a failing backend is data
         row[f"{name}_err"] = C.short_error(exc)
         return None
+    row[f"{name}_qproj_relerr"] = C.clean_float(C.relerr(layer.qproj(fused=False), q_gate))
     ref_scores = reference.gate_scores(q_gate, layer.cache.keys, layer.plan.last, 1.0 / math.sqrt(q_gate.shape[-1]))
     ref_idx = reference.select_blocks(scores, layer.plan.last, layer.plan.seqlens, layer.block_size, budget, None, True)
     row[f"{name}_scores_relerr"] = C.clean_float(C.relerr(ref_scores, scores))
@@ -139,7 +159,10 @@ def point(row: dict, layer: Layer, backends: dict, device: torch.device, graph: 
             "topk": lambda: layer.topk(scores, budget),
             "select": lambda: layer.select(budget),
             "update": layer.update,
+            "update_idle": lambda: layer.update(idle=True),
             "attn": lambda: layer.attn(idx),
+            "qproj_unfused": lambda: layer.qproj(fused=False),
+            "update_unfused": lambda: layer.update(fused=False),
         }
         for part, fn in calls.items():
             def run(fn=fn, name=name):
@@ -162,23 +185,26 @@ def shares(row: dict, name: str, block_size: int) -> str:
                 return row[f"{key}_graph_ms"]
             return row.get(f"{key}_ms")
 
-        sel, upd, attn = t("select"), t("update"), t("attn")
+        sel, upd, idle, attn = t("select"), t("update"), t("update_idle"), t("attn")
         if None in (sel, upd, attn):
             continue
         row[f"{name}_gate_ms{suffix}"] = sel + upd
         row[f"{name}_gate_share{suffix}"] = (sel + upd) / (sel + upd + attn)
-        amort = sel + upd / block_size
+        amort = sel + (upd / block_size if idle is None else idle + max(upd - idle, 0.0) / block_size)
         row[f"{name}_gate_share_amortised{suffix}"] = amort / (amort + attn)
     if f"{name}_gate_share" not in row:
         errs = [k for k in row if k.startswith(name) and k.endswith("_err")]
         return f"{name} ERR ({','.join(errs)})"
     t = {p: row.get(f"{name}_{p}_graph_ms", row.get(f"{name}_{p}_ms")) for p in PARTS}
     ok = "" if row.get(f"{name}_select_equal") else " SELECT!=REF"
+    idle = "-" if t["update_idle"] is None else f"{t['update_idle'] * 1e3:.1f}"
     return (f"{name}: select {t['select'] * 1e3:.1f}us (q {t['qproj'] * 1e3:.1f} s {t['scores'] * 1e3:.1f} "
-            f"k {t['topk'] * 1e3:.1f}) update {t['update'] * 1e3:.1f}us attn {t['attn'] * 1e3:.1f}us "
+            f"k {t['topk'] * 1e3:.1f}) update {t['update'] * 1e3:.1f}us (idle {idle}) "
+            f"attn {t['attn'] * 1e3:.1f}us "
             f"share {row[f'{name}_gate_share']:.1%} (amortised {row[f'{name}_gate_share_amortised']:.1%}){ok}")
 
 
+@torch.no_grad()  # as in decoding: the gate takes its fused path on a GPU
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device, dtype, graph, backends, info, out = C.start_run(args, "gate", KEY_FIELDS)

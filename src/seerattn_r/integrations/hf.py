@@ -170,8 +170,10 @@ def _prefill_layer(rt: Runtime, layer: int, query, key, kwargs) -> None:
     k_pre = rt.k_pre.pop(layer)
     rt.q_pre.pop(layer, None)
     capacity = -(-key.shape[2] // cfg.block_size)
+    # fused=True here and below: the decode path is inference only, and the fused gate ops
+    # (one kernel each on a GPU) give the same entries in prefill and decode.
     rt.layers[layer] = GateCache.prefill(
-        rt.gates[layer], k_pre, rt.prompt_seqlens, rt.offsets, cfg.block_size, capacity
+        rt.gates[layer], k_pre, rt.prompt_seqlens, rt.offsets, cfg.block_size, capacity, fused=True
     )
 
 
@@ -179,7 +181,7 @@ def _select(rt: Runtime, layer: int, q_pre, q, k_view, cache: GateCache, plan: D
     cfg = rt.config
     bs = cfg.block_size
     if cfg.selection == "gate":
-        q_gate = rt.gates[layer].project_q(q_pre, plan.positions)
+        q_gate = rt.gates[layer].project_q(q_pre, plan.positions, fused=True)
         scores = ops.gate_scores(q_gate, cache.keys, plan.last)
     elif cfg.selection == "oracle":
         scores = oracle_block_scores(q, k_view, plan.seqlens, bs, scaling, plan.offsets)
@@ -213,7 +215,7 @@ def _decode_layer(rt, module, layer, query, key, value, attention_mask, scaling,
     cache = rt.layers[layer]
     cache.reserve(-(-key.shape[2] // cfg.block_size))
     q_pre = rt.q_pre.pop(layer)[:, -1]
-    cache.append(rt.gates[layer], rt.k_pre.pop(layer)[:, -1], plan)
+    cache.append(rt.gates[layer], rt.k_pre.pop(layer)[:, -1], plan, fused=True)
     if layer in rt.dense_layers:
         return _dense(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     q = query[:, :, -1]
