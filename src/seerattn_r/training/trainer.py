@@ -14,7 +14,8 @@ block 64, Dg 128): one layer's target ``[8, 32768, 512]`` fp32 is 0.5 GiB; the g
 logits, log-softmax and KL terms over the 16k loss positions ``[8, 16384, 511]`` fp32 are
 about 0.27 GiB each (about 1.5 GiB with their autograd buffers); the frozen model's
 no-grad activations of one layer (hidden 2560, MLP 9728) are under 1 GiB; weights 8 GB.
-Estimated peak about 12 GiB (measure with ``python -m seerattn_r.training.bench``).
+Measured on an H100 (``python -m seerattn_r.training.bench``, random weights, one 32k
+row per step): peak 11.9 GiB allocated, of which 7.5 GiB are the weights; 14.2k tokens/s.
 """
 
 from __future__ import annotations
