@@ -17,9 +17,12 @@ import triton.language as tl
 from ._common import TRITON_DTYPE, AotConfig, aot_config
 from .gate_project_q import NUM_WARPS, norm_rope_store, project_chunk, tile_shape
 
-# Elements of one [tokens, BLOCK_K] tile of keys held in registers at a time (a whole
-# 64 x 128 block: one load round trip).
+# Elements of one [tokens, BLOCK_K] tile of keys (a 64-token block in one load), and of
+# one [BLOCK_K, Dg / 2] weight tile. Each chunk of D feeds three projections (max, min,
+# mean: six weight tiles in flight), so the weight tiles are half the query kernel's: at
+# its size the kernels spill (255 registers and a stack on sm_90), at this one they do not.
 TOKEN_TILE_ELEMS = 8192
+WEIGHT_TILE_ELEMS = 4096
 
 
 @triton.jit
@@ -42,8 +45,8 @@ def _pool_project_store(
     n_mask = offs_n < HALF
     count = tl.minimum(tl.maximum(n_valid, 0), BLOCK_SIZE)
     nonempty = count > 0
-    y1 = tl.zeros([HALF_PAD], tl.float32)
-    y2 = tl.zeros([HALF_PAD], tl.float32)
+    acc1 = tl.zeros([BLOCK_K, HALF_PAD], tl.float32)
+    acc2 = tl.zeros([BLOCK_K, HALF_PAD], tl.float32)
     for d0 in range(0, D, BLOCK_K):
         d = d0 + offs_k
         d_mask = d < D
@@ -65,10 +68,10 @@ def _pool_project_store(
         vmax = tl.where(nonempty & d_mask, vmax, 0.0).to(dtype).to(tl.float32)
         vmin = tl.where(nonempty & d_mask, vmin, 0.0).to(dtype).to(tl.float32)
         mean = (vsum / tl.maximum(count, 1).to(tl.float32)).to(dtype).to(tl.float32)
-        y1, y2 = project_chunk(y1, y2, vmax, w_head, d, d_mask, stride_wk, offs_n, n_mask, HALF)
-        y1, y2 = project_chunk(y1, y2, vmin, w_head, D + d, d_mask, stride_wk, offs_n, n_mask, HALF)
-        y1, y2 = project_chunk(y1, y2, mean, w_head, 2 * D + d, d_mask, stride_wk, offs_n, n_mask, HALF)
-    norm_rope_store(y1, y2, out, norm_ptr, inv_freq_ptr, pos, attention_scaling, eps, offs_n, n_mask, HALF)
+        acc1, acc2 = project_chunk(acc1, acc2, vmax, w_head, d, d_mask, stride_wk, offs_n, n_mask, HALF)
+        acc1, acc2 = project_chunk(acc1, acc2, vmin, w_head, D + d, d_mask, stride_wk, offs_n, n_mask, HALF)
+        acc1, acc2 = project_chunk(acc1, acc2, mean, w_head, 2 * D + d, d_mask, stride_wk, offs_n, n_mask, HALF)
+    norm_rope_store(acc1, acc2, out, norm_ptr, inv_freq_ptr, pos, attention_scaling, eps, offs_n, n_mask, HALF)
 
 
 @triton.jit
@@ -123,7 +126,7 @@ def _gate_cache_append_kernel(
 
 
 def _tiles(block_size: int, d: int, dg: int) -> dict:
-    block_k, half_pad = tile_shape(dg, d)
+    block_k, half_pad = tile_shape(dg, d, WEIGHT_TILE_ELEMS)
     return dict(BLOCK_SIZE=block_size, BLOCK_T=max(1, min(block_size, TOKEN_TILE_ELEMS // block_k)),
                 BLOCK_K=block_k, HALF_PAD=half_pad)
 

@@ -16,35 +16,41 @@ import triton.language as tl
 
 from ._common import TRITON_DTYPE, AotConfig, aot_config
 
-# Elements of one [BLOCK_K, Dg / 2] weight tile (two of them live at once), and the warps
-# that hold them. A program streams its KV head's whole weight (256 KiB for g 8, D 128,
-# Dg 128 in fp16) with no software pipelining (no tl.dot), so each iteration should put as
-# many bytes in flight as registers allow: 2 x 16 KiB tiles, 64 fp32 values per thread.
+# Elements of one [BLOCK_K, Dg / 2] weight tile (two of them, and two accumulators of that
+# shape, live at once), and the warps that hold them. A program streams its KV head's
+# whole weight (256 KiB for g 8, D 128, Dg 128 in fp16) with no software pipelining (no
+# tl.dot), so each iteration should put as many bytes in flight as registers allow.
 TILE_ELEMS = 8192
 NUM_WARPS = 8
 
 
 @triton.jit
-def project_chunk(y1, y2, x, w_ptr, rows, row_mask, stride_wk, offs_n, n_mask, HALF):
-    """``y1 += x @ W[rows, :HALF]`` and ``y2 += x @ W[rows, HALF:]`` in fp32.
+def project_chunk(acc1, acc2, x, w_ptr, rows, row_mask, stride_wk, offs_n, n_mask, HALF):
+    """``acc1 += x[:, None] * W[rows, :HALF]``, ``acc2 += x[:, None] * W[rows, HALF:]`` (fp32).
 
-    x: ``[BLOCK_K]`` fp32 (zero where ``row_mask`` is off); y1, y2: ``[HALF_PAD]`` fp32.
-    The output is kept as its two rotate-half halves so RoPE needs no register shuffle.
+    x: ``[BLOCK_K]`` fp32 (zero where ``row_mask`` is off); acc1, acc2: ``[BLOCK_K,
+    HALF_PAD]`` fp32 partial products, summed over rows once, in :func:`norm_rope_store`
+    (a reduction across warps per chunk would cost a shared-memory round trip each). The
+    output is kept as its two rotate-half halves so RoPE needs no register shuffle.
     """
     ptr = w_ptr + rows.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
     w1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     w2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    return y1 + tl.sum(x[:, None] * w1, axis=0), y2 + tl.sum(x[:, None] * w2, axis=0)
+    return acc1 + x[:, None] * w1, acc2 + x[:, None] * w2
 
 
 @triton.jit
-def norm_rope_store(y1, y2, out_ptr, norm_ptr, inv_freq_ptr, pos, attention_scaling, eps, offs_n, n_mask, HALF):
-    """RMSNorm over the ``2 * HALF`` channels, rotate-half RoPE at position ``pos``, store.
+def norm_rope_store(acc1, acc2, out_ptr, norm_ptr, inv_freq_ptr, pos, attention_scaling, eps, offs_n, n_mask,
+                    HALF):
+    """Sum the partial products of :func:`project_chunk`, RMSNorm over the ``2 * HALF``
+    channels, rotate-half RoPE at position ``pos``, store.
 
     The angle is ``float32(pos) * inv_freq`` as in the torch path, so long positions round
     the same way; cos and sin are computed here instead of read from a table.
     """
+    y1 = tl.sum(acc1, axis=0)
+    y2 = tl.sum(acc2, axis=0)
     ss = tl.sum(y1 * y1, axis=0) + tl.sum(y2 * y2, axis=0)
     r = 1.0 / tl.sqrt(ss / (2 * HALF) + eps)
     a = y1 * r * tl.load(norm_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -71,23 +77,23 @@ def _gate_project_q_kernel(
     # The group's g query heads are consecutive: together one input vector of g*D.
     q_row = q_ptr + pid_b.to(tl.int64) * stride_qb + (pid_h * group).to(tl.int64) * stride_qh
     w_head = w_ptr + pid_h.to(tl.int64) * stride_wh
-    y1 = tl.zeros([HALF_PAD], tl.float32)
-    y2 = tl.zeros([HALF_PAD], tl.float32)
+    acc1 = tl.zeros([BLOCK_K, HALF_PAD], tl.float32)
+    acc2 = tl.zeros([BLOCK_K, HALF_PAD], tl.float32)
     for k0 in range(0, group * D, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < group * D
         x = tl.load(q_row + (k // D) * stride_qh + k % D, mask=k_mask, other=0.0).to(tl.float32)
-        y1, y2 = project_chunk(y1, y2, x, w_head, k, k_mask, stride_wk, offs_n, n_mask, HALF)
+        acc1, acc2 = project_chunk(acc1, acc2, x, w_head, k, k_mask, stride_wk, offs_n, n_mask, HALF)
     pos = tl.load(pos_ptr + pid_b)
     out = out_ptr + pid_b.to(tl.int64) * stride_ob + pid_h * stride_oh
-    norm_rope_store(y1, y2, out, norm_ptr, inv_freq_ptr, pos, attention_scaling, eps, offs_n, n_mask, HALF)
+    norm_rope_store(acc1, acc2, out, norm_ptr, inv_freq_ptr, pos, attention_scaling, eps, offs_n, n_mask, HALF)
 
 
-def tile_shape(dg: int, k_extent: int) -> tuple[int, int]:
-    """``(BLOCK_K, HALF_PAD)``: weight tiles of at most TILE_ELEMS elements per half, no
+def tile_shape(dg: int, k_extent: int, tile_elems: int = TILE_ELEMS) -> tuple[int, int]:
+    """``(BLOCK_K, HALF_PAD)``: weight tiles of at most ``tile_elems`` elements per half, no
     wider than the ``k_extent`` they stream over (both powers of 2, at least 16)."""
     half_pad = max(16, triton.next_power_of_2(dg // 2))
-    block_k = max(16, min(triton.next_power_of_2(k_extent), TILE_ELEMS // half_pad))
+    block_k = max(16, min(triton.next_power_of_2(k_extent), tile_elems // half_pad))
     return block_k, half_pad
 
 
