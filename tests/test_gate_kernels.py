@@ -14,7 +14,11 @@ On CPU these run under ``TRITON_INTERPRET=1``; the ``gpu``-marked copies on a GP
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +203,19 @@ def test_gate_select_follows_probabilities_not_logits(device, poison_empty):
     assert probs[0, 0, 3] == probs[0, 0, 40] == probs[0, 0, 0]  # the premise: equal probabilities
     out = gate_select.gate_select(q, k, num, lens, 16, 2 * 16, None, False, dg**-0.5, 2)
     assert out.cpu().tolist() == [[[0, 1, 64, -1]]]  # top 2 = blocks 0, 1; then the last block
+
+
+@pytest.mark.bench_smoke
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs TRITON_INTERPRET=1")
+def test_bench_gate_kernels_smoke(tmp_path):
+    """benchmarks/bench_gate_kernels.py on one toy point: it runs, checks and records."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gate_kernels.py"
+    out = tmp_path / "gate_kernels.json"
+    proc = subprocess.run([sys.executable, str(script), "--batch", "2", "--tokens", "1000", "--hkv", "2",
+                           "--gate-dim", "32", "--programs-per-unit", "1,4", "--no-graph", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2
+    assert all(r["select_equal"] and r["fused_equal"] and r["scores_relerr"] < 1e-4 for r in rows)
+    assert all(r["fused_ms"] > 0 for r in rows)
