@@ -15,20 +15,37 @@ import triton
 import triton.language as tl
 
 from ._common import TRITON_DTYPE, AotConfig, aot_config
-from .gate_project_q import NUM_WARPS, norm_rope_store, project_chunk, tile_shape
+from .gate_project_q import norm_rope_store
 
 # Elements of one [tokens, BLOCK_K] tile of keys (a 64-token block in one load), and of
-# one [BLOCK_K, Dg / 2] weight tile. Each chunk of D feeds three projections (max, min,
-# mean: six weight tiles in flight), so the weight tiles are half the query kernel's: at
-# its size the kernels spill (255 registers and a stack on sm_90), at this one they do not.
+# one [BLOCK_K, Dg / 2] weight tile (a whole D = 128 chunk at Dg 128: each program makes one
+# pass, its six weight tiles in flight at once; 104-111 registers on sm_90, no spill).
 TOKEN_TILE_ELEMS = 8192
-WEIGHT_TILE_ELEMS = 4096
+WEIGHT_TILE_ELEMS = 8192
+NUM_WARPS = 8
+
+
+@triton.jit
+def _project_chunk(acc1, acc2, x, w_ptr, rows, row_mask, stride_wk, offs_n, n_mask, HALF):
+    """``acc1 += x[:, None] * W[rows, :HALF]``, ``acc2 += x[:, None] * W[rows, HALF:]`` (fp32).
+
+    x: ``[BLOCK_K]`` fp32 (zero where ``row_mask`` is off); acc1, acc2: ``[BLOCK_K,
+    HALF_PAD]`` fp32 partial products, summed over rows once at the end (a reduction across
+    warps per chunk would cost a shared-memory round trip each). A GEMV in fp32 FMAs, not a
+    ``tl.dot``: one row per program, and the same code in both kernels keeps their entries
+    bit-identical.
+    """
+    ptr = w_ptr + rows.to(tl.int64)[:, None] * stride_wk + offs_n[None, :]
+    mask = row_mask[:, None] & n_mask[None, :]
+    w1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    w2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    return acc1 + x[:, None] * w1, acc2 + x[:, None] * w2
 
 
 @triton.jit
 def _pool_project_store(
     src, stride_t, n_valid, repl_slot, repl, w_head, stride_wk, norm_ptr, inv_freq_ptr, pos,
-    attention_scaling, eps, out, D, HALF,
+    attention_scaling, eps, out, D: tl.constexpr, HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HALF_PAD: tl.constexpr,
 ):
     """Entry of one block of one KV head: ``[max | min | mean]`` of its first ``n_valid``
@@ -68,17 +85,19 @@ def _pool_project_store(
         vmax = tl.where(nonempty & d_mask, vmax, 0.0).to(dtype).to(tl.float32)
         vmin = tl.where(nonempty & d_mask, vmin, 0.0).to(dtype).to(tl.float32)
         mean = (vsum / tl.maximum(count, 1).to(tl.float32)).to(dtype).to(tl.float32)
-        acc1, acc2 = project_chunk(acc1, acc2, vmax, w_head, d, d_mask, stride_wk, offs_n, n_mask, HALF)
-        acc1, acc2 = project_chunk(acc1, acc2, vmin, w_head, D + d, d_mask, stride_wk, offs_n, n_mask, HALF)
-        acc1, acc2 = project_chunk(acc1, acc2, mean, w_head, 2 * D + d, d_mask, stride_wk, offs_n, n_mask, HALF)
-    norm_rope_store(acc1, acc2, out, norm_ptr, inv_freq_ptr, pos, attention_scaling, eps, offs_n, n_mask, HALF)
+        acc1, acc2 = _project_chunk(acc1, acc2, vmax, w_head, d, d_mask, stride_wk, offs_n, n_mask, HALF)
+        acc1, acc2 = _project_chunk(acc1, acc2, vmin, w_head, D + d, d_mask, stride_wk, offs_n, n_mask, HALF)
+        acc1, acc2 = _project_chunk(acc1, acc2, mean, w_head, 2 * D + d, d_mask, stride_wk, offs_n, n_mask, HALF)
+    norm_rope_store(tl.sum(acc1, axis=0)[None, :], tl.sum(acc2, axis=0)[None, :], (out + offs_n)[None, :],
+                    n_mask[None, :], norm_ptr, inv_freq_ptr, tl.zeros([1], tl.int64) + pos, attention_scaling, eps,
+                    offs_n, n_mask, HALF)
 
 
 @triton.jit
 def _gate_keys_kernel(
-    k_ptr, seqlens_ptr, offsets_ptr, w_ptr, norm_ptr, inv_freq_ptr, out_ptr, attention_scaling, eps, D, HALF,
+    k_ptr, seqlens_ptr, offsets_ptr, w_ptr, norm_ptr, inv_freq_ptr, out_ptr, attention_scaling, eps,
     stride_kb, stride_ks, stride_kh, stride_wh, stride_wk, stride_ob, stride_on, stride_oh,
-    BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HALF_PAD: tl.constexpr,
+    D: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HALF_PAD: tl.constexpr,
     HAS_OFFSETS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -101,9 +120,9 @@ def _gate_keys_kernel(
 @triton.jit
 def _gate_cache_append_kernel(
     new_ptr, recent_ptr, keys_ptr, pos_ptr, w_ptr, norm_ptr, inv_freq_ptr, attention_scaling, eps,
-    capacity, D, HALF,
+    capacity,
     stride_nb, stride_nh, stride_rb, stride_rt, stride_rh, stride_kb, stride_kn, stride_kh, stride_wh, stride_wk,
-    BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HALF_PAD: tl.constexpr,
+    D: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HALF_PAD: tl.constexpr,
     D_PAD: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -126,8 +145,10 @@ def _gate_cache_append_kernel(
 
 
 def _tiles(block_size: int, d: int, dg: int) -> dict:
-    block_k, half_pad = tile_shape(dg, d, WEIGHT_TILE_ELEMS)
-    return dict(BLOCK_SIZE=block_size, BLOCK_T=max(1, min(block_size, TOKEN_TILE_ELEMS // block_k)),
+    """Constexprs shared by both kernels (the same tiles give the same rounding)."""
+    half_pad = max(16, triton.next_power_of_2(dg // 2))
+    block_k = max(16, min(triton.next_power_of_2(d), WEIGHT_TILE_ELEMS // half_pad))
+    return dict(D=d, HALF=dg // 2, BLOCK_SIZE=block_size, BLOCK_T=max(1, min(block_size, TOKEN_TILE_ELEMS // block_k)),
                 BLOCK_K=block_k, HALF_PAD=half_pad)
 
 
@@ -137,7 +158,7 @@ def gate_keys(k, cache_seqlens, block_size, weight, norm_weight, inv_freq, atten
     k [B, S, Hkv, D] (last dim contiguous), cache_seqlens / cache_offsets [B] int32 (offsets
     may be None), weight [Hkv, 3D, Dg] contiguous, norm_weight [Dg], inv_freq [Dg/2] fp32.
     Returns [B, ceil(S/bs), Hkv, Dg] in k's dtype; block j RoPE'd at j * block_size.
-    Compiles once per dtype pair, block size and padded tile shape.
+    Compiles once per dtype pair, block size, D and Dg.
     """
     batch, s, hkv, d = k.shape
     dg = weight.shape[-1]
@@ -147,7 +168,7 @@ def gate_keys(k, cache_seqlens, block_size, weight, norm_weight, inv_freq, atten
         return out
     offsets = cache_offsets if cache_offsets is not None else cache_seqlens
     _gate_keys_kernel[(nblk, hkv, batch)](
-        k, cache_seqlens, offsets, weight, norm_weight, inv_freq, out, attention_scaling, eps, d, dg // 2,
+        k, cache_seqlens, offsets, weight, norm_weight, inv_freq, out, attention_scaling, eps,
         k.stride(0), k.stride(1), k.stride(2), weight.stride(0), weight.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         HAS_OFFSETS=cache_offsets is not None, num_warps=NUM_WARPS, **_tiles(block_size, d, dg),
@@ -169,7 +190,7 @@ def gate_cache_append(k_new, recent, keys, positions, weight, norm_weight, inv_f
         return
     _gate_cache_append_kernel[(batch, hkv)](
         k_new, recent, keys, positions, weight, norm_weight, inv_freq, attention_scaling, eps,
-        keys.shape[1], d, dg // 2,
+        keys.shape[1],
         k_new.stride(0), k_new.stride(1), recent.stride(0), recent.stride(1), recent.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2), weight.stride(0), weight.stride(1),
         D_PAD=triton.next_power_of_2(d), num_warps=NUM_WARPS, **_tiles(block_size, d, dg),
@@ -192,7 +213,7 @@ def aot_configs() -> list[AotConfig]:
             ("gate_cache_append", _gate_cache_append_kernel, dict(new_ptr=dt, recent_ptr=dt, keys_ptr=dt, pos_ptr="*i64", capacity="i32"),
              dict(tiles, D_PAD=triton.next_power_of_2(d))),
         ):
-            ints = {a: "i32" for a in fn.arg_names if a.startswith("stride_") or a in ("D", "HALF")}
+            ints = {a: "i32" for a in fn.arg_names if a.startswith("stride_")}
             configs.append(aot_config(f"{name}-{tag}", fn, dict(ints, **scalars, **types),
                                       constexprs, num_warps=NUM_WARPS))
     return configs
