@@ -44,8 +44,9 @@ def _params(draw, hkv, k_in, dg, dtype, device, gen):
 def test_gate_project_q(device, name, data, poison_empty):
     draw = data.draw
     batch, hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 8]))
-    d = draw(st.sampled_from([16, 48, 64]))
-    dg = draw(st.sampled_from([16, 24, 32, 128]))
+    # D and Dg are constexprs of the kernels: few values, odd ones to exercise the masks.
+    d = draw(st.sampled_from([48, 64]))
+    dg = draw(st.sampled_from([24, 32, 128]))
     dtype = draw(st.sampled_from(DTYPES))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     q = torch.randn(batch, hkv * group, d, generator=gen).to(device=device, dtype=dtype)
@@ -82,7 +83,7 @@ def test_gate_keys(device, name, data, poison_empty):
     draw = data.draw
     bs, s, seqlens, offsets = draw(prompts())
     batch, hkv = len(seqlens), draw(st.integers(1, 2))
-    d, dg = draw(st.sampled_from([16, 48, 64])), draw(st.sampled_from([16, 24, 64]))
+    d, dg = draw(st.sampled_from([48, 64])), draw(st.sampled_from([24, 64]))
     dtype = draw(st.sampled_from(DTYPES))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     k = torch.randn(batch, s, hkv, d, generator=gen).to(device=device, dtype=dtype)
@@ -104,7 +105,7 @@ def test_gate_cache_append(device, name, data, poison_empty):
     draw = data.draw
     bs = draw(st.sampled_from([16, 32]))
     batch, hkv, cap = draw(st.integers(1, 4)), draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    d, dg = draw(st.sampled_from([16, 64])), draw(st.sampled_from([24, 64]))
+    d, dg = draw(st.sampled_from([48, 64])), draw(st.sampled_from([24, 64]))
     dtype = draw(st.sampled_from(DTYPES))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     # Positions at block ends (completing), elsewhere, and completing past the capacity.
