@@ -94,8 +94,10 @@ def _gate_logits_kernel(
     # costs no bandwidth, and a chunk past `scored` loops zero times.
     start = pid_c * chunk_blocks
     stop = tl.minimum(start + chunk_blocks, scored)
-    m = tl.max(tl.full([BLOCK_J], float("-inf"), tl.float32), axis=0)
-    total = tl.sum(tl.zeros([BLOCK_J], tl.float32), axis=0)
+    # Online softmax per tile slot, reduced across the tile once at the end: no cross-warp
+    # reduction inside the loop.
+    m_slot = tl.full([BLOCK_J], float("-inf"), tl.float32)
+    s_slot = tl.zeros([BLOCK_J], tl.float32)
     for j0 in range(start, stop, BLOCK_J):
         j = j0 + offs
         j_mask = j < stop
@@ -109,9 +111,13 @@ def _gate_logits_kernel(
                     other=0.0).to(tl.float32)
         logits = tl.where(j_mask, tl.sum(k * q[None, :], axis=1) * qk_scale, float("-inf"))
         tl.store(l_row + j, logits, mask=j_mask)
-        m_new = tl.maximum(m, tl.max(logits, axis=0))
-        total = total * tl.exp2(m - m_new) + tl.sum(tl.exp2(logits - m_new), axis=0)
-        m = m_new
+        m_new = tl.maximum(m_slot, logits)
+        # A slot with nothing seen yet stays (-inf, 0) without computing -inf - -inf.
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s_slot = s_slot * tl.exp2(m_slot - base) + tl.exp2(logits - base)
+        m_slot = m_new
+    m = tl.max(m_slot, axis=0)
+    total = tl.sum(s_slot * tl.exp2(m_slot - tl.where(m == float("-inf"), 0.0, m)), axis=0)
     part = part_ptr + pid_b.to(tl.int64) * stride_pb + pid_h * stride_ph + pid_c * 2
     tl.store(part, m)
     tl.store(part + 1, total)
