@@ -97,8 +97,9 @@ def gate_project_q(
         eps: RMSNorm epsilon.
 
     Returns:
-        ``[B, Hkv, Dg]`` in ``q_pre``'s dtype; all math in fp32 (the projection is not
-        rounded to the weight's dtype before the norm).
+        ``[B, Hkv, Dg]`` in ``q_pre``'s dtype: ``q_pre`` is cast to the weight's dtype (as
+        the torch path of :class:`~seerattn_r.gate.AttnGate` does), the products are
+        accumulated in fp32 and, unlike that path, not rounded before the fp32 norm and RoPE.
     """
     _check(q_pre, weight, norm_weight, inv_freq, positions)  # before the dispatcher's type checks
     return _gate_project_q_op(q_pre, weight, norm_weight, inv_freq, positions, attention_scaling, eps)

@@ -33,8 +33,9 @@ def gate_project_q(
     attention_scaling: float,
     eps: float,
 ) -> torch.Tensor:
-    """``q_pre [B, Hq, D]`` -> ``[B, Hkv, Dg]`` in q_pre's dtype, all math in fp32."""
+    """``q_pre [B, Hq, D]`` -> ``[B, Hkv, Dg]`` in q_pre's dtype: q_pre rounded to the
+    weight's dtype, then all math in fp32."""
     hkv, group = weight.shape[:2]
-    x = q_pre.float().unflatten(-2, (hkv, group))
+    x = q_pre.to(weight.dtype).float().unflatten(-2, (hkv, group))
     y = torch.einsum("bhgd,hgde->bhe", x, weight.float())
     return norm_rope(y, norm_weight, inv_freq, positions, attention_scaling, eps).to(q_pre.dtype)
