@@ -186,23 +186,23 @@ def test_gate_select_matches_scores_then_select(device, data, poison_empty):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_gate_select_follows_probabilities_not_logits(device, poison_empty):
-    """Logits -1e-9, 0 and 1e-9 differ, their fp32 probabilities do not (exp of each rounds
-    to 1): block 40, the largest logit, loses the tie to the lower ids, as it does in
-    select_blocks of the probabilities."""
+    """Logits -150 .. -300 below the max differ, their fp32 probabilities do not (all
+    underflow to 0): among them the lower ids win, as in select_blocks of the
+    probabilities, not the larger logits."""
     gate_scores, _, gate_select = _kernels()
-    dg, nblk = 16, 64
+    dg, nblk = 16, 8
+    logits = torch.tensor([0.0, -200.0, -300.0, -250.0, -150.0, -160.0, -170.0, -180.0])
     q = torch.zeros(1, 1, dg)
     q[..., 0] = 1.0
     k = torch.zeros(1, nblk, 1, dg)
-    k[0, 3, 0, 0] = -1e-9 * math.sqrt(dg)  # block 3: logit -1e-9, every other block 0
-    k[0, 40, 0, 0] = 1e-9 * math.sqrt(dg)  # block 40: logit +1e-9
+    k[0, :, 0, 0] = logits * math.sqrt(dg)
     q, k = q.to(device), k.to(device)
     num = torch.tensor([nblk], dtype=torch.int32, device=device)
     lens = torch.tensor([nblk * 16 + 1], dtype=torch.int32, device=device)
     probs = gate_scores.gate_scores(q, k, num, dg**-0.5, 2)
-    assert probs[0, 0, 3] == probs[0, 0, 40] == probs[0, 0, 0]  # the premise: equal probabilities
-    out = gate_select.gate_select(q, k, num, lens, 16, 2 * 16, None, False, dg**-0.5, 2)
-    assert out.cpu().tolist() == [[[0, 1, 64, -1]]]  # top 2 = blocks 0, 1; then the last block
+    assert (probs[0, 0, 1:] == 0).all() and probs[0, 0, 0] == 1  # the premise
+    out = gate_select.gate_select(q, k, num, lens, 16, 3 * 16, None, False, dg**-0.5, 2)
+    assert out.cpu().tolist() == [[[0, 1, 2, 8, -1]]]  # not 0, 4, 5 by logit; then the last block
 
 
 @pytest.mark.bench_smoke
