@@ -61,7 +61,7 @@ def _kth_largest(ukey, is_scored, scored, k, NBLK_PAD: tl.constexpr):
 def _select_blocks_kernel(
     scores_ptr, part_ptr, num_blocks_ptr, seqlens_ptr, out_ptr, nblk, num_slots, keep_top, threshold, chunks,
     stride_sb, stride_sh, stride_sn, stride_pb, stride_ph, stride_ob, stride_oh,
-    BLOCK_SIZE: tl.constexpr, NBLK_PAD: tl.constexpr, SLOTS_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NBLK_PAD: tl.constexpr,
     BY_BUDGET: tl.constexpr, SINK: tl.constexpr, FROM_LOGITS: tl.constexpr, PART_TILE: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -102,10 +102,13 @@ def _select_blocks_kernel(
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(out_row + pos, j, mask=keep & (pos < num_slots))
     count = tl.sum(keep.to(tl.int32), axis=0)
-    # `last` past the scores' width sorts after every kept id; then -1 padding.
-    p = tl.arange(0, SLOTS_PAD)
-    tail = tl.where(p == tl.where(last >= NBLK_PAD, count, -1), last, -1)
-    tl.store(out_row + p, tail, mask=(p >= count) & (p < num_slots))
+    # `last` past the scores' width sorts after every kept id; then -1 padding. M is at
+    # most Nblk + 2, so this takes one or two tiles of the row's width (and M never
+    # specializes the kernel).
+    at = tl.where(last >= NBLK_PAD, count, -1)
+    for p0 in range(0, num_slots, NBLK_PAD):
+        p = p0 + j
+        tl.store(out_row + p, tl.where(p == at, last, -1), mask=(p >= count) & (p < num_slots))
 
 
 def _warps(nblk_pad: int) -> int:
@@ -137,7 +140,7 @@ def launch(values, part, num_blocks, cache_seqlens, block_size, token_budget, th
         float(threshold) if threshold is not None else 0.0, part_args[1],
         values.stride(0), values.stride(1), values.stride(2), part_args[2], part_args[3],
         out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, NBLK_PAD=nblk_pad, SLOTS_PAD=triton.next_power_of_2(num_slots),
+        BLOCK_SIZE=block_size, NBLK_PAD=nblk_pad,
         BY_BUDGET=by_budget, SINK=bool(sink_block), FROM_LOGITS=from_logits, PART_TILE=PART_TILE,
         num_warps=_warps(nblk_pad),
     )
@@ -152,8 +155,8 @@ def select_blocks(scores, num_blocks, cache_seqlens, block_size, token_budget, t
     the top min(token_budget // block_size, num_blocks) scored blocks (ties: lower id) or
     those with score > threshold, plus block 0 (sink_block) and (cache_seqlens-1)//block_size
     for non-empty rows, ascending and unique, then -1. M = min(token_budget // block_size,
-    Nblk) + 2, or Nblk + 2. Compiles per block_size, mode, sink_block and the next powers
-    of 2 of Nblk (at least 256) and M.
+    Nblk) + 2, or Nblk + 2. Compiles per block_size, mode, sink_block and the next power
+    of 2 of Nblk (at least 256); M and the lengths do not recompile.
     """
     return launch(scores, None, num_blocks, cache_seqlens, block_size, token_budget, threshold, sink_block)
 
@@ -167,13 +170,13 @@ def aot_configs() -> list[AotConfig]:
                  out_ptr="*i32", threshold="fp32")
     return [
         aot_config(f"select_blocks-{mode}", _select_blocks_kernel, types,
-                   dict(BLOCK_SIZE=64, NBLK_PAD=nblk_pad, SLOTS_PAD=slots_pad, BY_BUDGET=by_budget, SINK=sink,
+                   dict(BLOCK_SIZE=64, NBLK_PAD=nblk_pad, BY_BUDGET=by_budget, SINK=sink,
                         FROM_LOGITS=from_logits, PART_TILE=PART_TILE),
                    num_warps=_warps(nblk_pad))
-        for mode, nblk_pad, slots_pad, by_budget, sink, from_logits in (
-            ("budget", 2048, 256, True, True, False),
-            ("budget-logits", 512, 64, True, True, True),
-            ("threshold", 512, 1024, False, False, False),
-            ("threshold-logits", 4096, 8192, False, True, True),
+        for mode, nblk_pad, by_budget, sink, from_logits in (
+            ("budget", 2048, True, True, False),
+            ("budget-logits", 512, True, True, True),
+            ("threshold", 512, False, False, False),
+            ("threshold-logits", 4096, False, True, True),
         )
     ]
