@@ -2,8 +2,7 @@
 
 One program per (row, KV head) holds the row's scores in registers. The budget's top k is
 a radix select on the scores' order-preserving integer keys: four histogram passes of 8
-bits find the k-th largest key, so the cost does not grow with a serial search over the
-key range. The same kernel also selects straight from gate logits and their softmax
+bits find the k-th largest key (a bisection over the key range takes 32 counting passes). The same kernel also selects straight from gate logits and their softmax
 partials (``FROM_LOGITS``, the fused :mod:`.gate_select`), recomputing the probabilities
 exactly as :mod:`.gate_scores` writes them.
 """
@@ -44,8 +43,8 @@ def _kth_largest(ukey, is_scored, scored, k, NBLK_PAD: tl.constexpr):
     for p in tl.static_range(4):
         shift = 24 - 8 * p
         cand = is_scored & ((ukey >> (shift + 8)) == (prefix >> (shift + 8)))
-        # Non-candidates go to bin 0 and are taken out again below (no histogram mask:
-        # older Triton releases have none).
+        # Non-candidates go to bin 0 and are taken out again below (without relying on
+        # tl.histogram's newer mask argument).
         digit = tl.where(cand, ((ukey >> shift) & 255).to(tl.int32), 0)
         hist = tl.histogram(digit, 256) - tl.where(bins == 0, NBLK_PAD - candidates, 0)
         at_or_above = candidates - tl.cumsum(hist, axis=0) + hist
