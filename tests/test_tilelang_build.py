@@ -66,6 +66,12 @@ def test_lowers_to_wgmma_and_tma(cfg):
     assert "tma_load" in src, "the selected K/V tiles should be TMA loads"
     # The shared-memory bitmap needs CUDA's generic atomicOr: a global-only `red` faults.
     assert "atomicOr(" in src and "red.relaxed.gpu.global" not in src
+    # Once the warpgroups split (the producer gives up registers), a full-CTA barrier
+    # could wait on producer warps that never reach it: only the consumer's named
+    # barriers may follow.
+    split = src.index("warpgroup_reg_dealloc")
+    assert "__syncthreads()" not in src[split:]
+    assert "__sync_thread_partial(" in src[split:]
 
 
 def test_nvcc_builds_main_config(monkeypatch):

@@ -84,8 +84,14 @@ def _pass_configs() -> dict:
 
     # Warp specialisation stays on (it is what lowers T.Pipelined to TMA + mbarriers):
     # it adds a producer warpgroup, so the kernel runs 256 threads and the code outside
-    # the pipelined loop is written to be right on either warpgroup.
-    return {tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True}
+    # the pipelined loop is written to be right on either warpgroup. TileLang's automatic
+    # barrier insertion is off: on this kernel it placed barriers inside branches that only
+    # some threads take (or refused to build); every barrier the kernel needs is written
+    # out, a full one before the warpgroups split and a consumer-only one after.
+    return {
+        tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True,
+        tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True,
+    }
 
 
 def lower_source(dtype: str, dim: int, dim_v: int, block_size: int, arch: str) -> str:
@@ -106,10 +112,14 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
     acc = "float32"
     tile, stages = _tiling(dim, dim_v, block_size)
     sub = block_size // tile  # tiles per block
-    words_per_thread = _BITMAP_WORDS // _THREADS
     batch, smax, hkv, hq, m, nsplit, nsem = T.dynamic("batch, smax, hkv, hq, m, nsplit, nsem")
     skb, sks, skh, svb, svs, svh = T.dynamic("skb, sks, skh, svb, svs, svh")
     neg_inf = -T.infinity(acc)
+
+    def consumer_sync():
+        # After the pipelined loop only the consumer warpgroup runs (the producer has
+        # exited): a named barrier over its 128 threads, never one that waits for all 256.
+        T.evaluate(T.call_extern("handle", "tl::__sync_thread_partial", 1, _THREADS))
 
     @T.macro
     def online_softmax(s, p, o, m_i, m_prev, alpha, l_i, rsum, scale, limit, masked: bool):
@@ -152,7 +162,6 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
             tx = T.get_thread_binding()
             bitmap = T.alloc_shared((_BITMAP_WORDS,), "uint32")
             chosen = T.alloc_shared((_LIST,), "int32")
-            counts = T.alloc_shared((_THREADS,), "int32")
             flag = T.alloc_shared((1,), "int32")
             lse_row = T.alloc_shared((_ROWS,), acc)
             weight = T.alloc_shared((_ROWS * _MAX_SPLITS,), acc)  # combine: per (row, split)
@@ -172,8 +181,8 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
             alpha = T.alloc_fragment((_ROWS,), acc)
             l_i = T.alloc_fragment((_ROWS,), acc)
             rsum = T.alloc_fragment((_ROWS,), acc)
-            before = T.alloc_var("int32", init=0)
-            total = T.alloc_var("int32", init=0)
+            run = T.alloc_var("int32", init=0)
+            rank = T.alloc_var("int32", init=0)
 
             off = offsets[b]
             group = hq // hkv
@@ -183,10 +192,13 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
             nfull = length // block_size
             nwords = T.ceildiv(nvalid, 32)
 
-            # 1. Bitmap of the selected, in-range block ids; each thread owns a run of words.
-            for i in T.serial(words_per_thread):
-                if tx * words_per_thread + i < nwords:
-                    bitmap[tx * words_per_thread + i] = T.uint32(0)
+            # Warp specialisation runs this setup on both warpgroups (256 threads) while the
+            # code is written for 128: every step below is either idempotent when a thread
+            # past 127 repeats another's work (zeroing, atomicOr) or limited to warp 0.
+            # 1. Bitmap of the selected, in-range block ids (only the row's nwords words).
+            for i in T.serial(T.ceildiv(nwords, _THREADS)):
+                if i * _THREADS + tx < nwords:
+                    bitmap[i * _THREADS + tx] = T.uint32(0)
             T.sync_threads()
             for i in T.serial(T.ceildiv(m, _THREADS)):
                 if i * _THREADS + tx < m:
@@ -202,47 +214,55 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                             )
                         )
             T.sync_threads()
-            for i in T.serial(words_per_thread):
-                if tx * words_per_thread + i < nwords:
-                    before += T.Cast("int32", T.popcount(bitmap[tx * words_per_thread + i]))
-            if tx < _THREADS:  # warp specialisation runs this part on 2 warpgroups
-                counts[tx] = before
-            T.sync_threads()
-            before = 0
-            for t in T.serial(_THREADS):
-                total += counts[t]
-                before += T.if_then_else(t < tx, counts[t], 0)
-
-            last_word = bitmap[T.max(nvalid - 1, 0) >> 5]
-            partial = T.if_then_else(
-                nfull < nvalid, T.Cast("int32", (last_word >> T.Cast("uint32", (nvalid - 1) & 31)) & T.uint32(1)), 0
+            # The row's last block is partial and selected: it ranks last, after the full ones.
+            last_bit = T.if_then_else(
+                nfull < nvalid,
+                T.Cast("int32", (bitmap[T.max(nvalid - 1, 0) >> 5] >> T.Cast("uint32", (nvalid - 1) & 31)) & T.uint32(1)),
+                0,
             )
+
+            # 2. Rank the selected blocks. Lane l of every warp owns a run of `per`
+            # consecutive words; a shuffle scan of the runs' popcounts gives each run its first
+            # rank and every warp the row's count (kept in registers: no shared broadcast).
+            # Warp 0 then lists this split's full blocks in ascending order. No barrier
+            # inside: at decode lengths a lane owns one or two words.
+            lane = tx % 32
+            per = T.ceildiv(nwords, 32)
+            for i in T.serial(per):
+                if lane * per + i < nwords:
+                    run += T.Cast("int32", T.popcount(bitmap[lane * per + i]))
+            rank = run
+            for d in T.unroll(5):
+                # Every lane shuffles (full mask), then a select: no branch around the shuffle.
+                up = T.shfl_up(rank, 1 << d)
+                rank += T.if_then_else(lane >= (1 << d), up, 0)
+            total = T.shfl_sync(rank, 31)  # lane 31's inclusive sum
+            rank -= run
+            # Split sid takes ranks [lo, hi); hi_full < hi when its range ends with the partial block.
             lo = total * sid // nsplit
             hi = total * (sid + 1) // nsplit
-            hi_full = T.min(hi, total - partial)
-
+            hi_full = T.min(hi, total - last_bit)
+            if tx < 32:
+                for i in T.serial(per):
+                    w = lane * per + i
+                    if w < nwords:
+                        word = bitmap[w]
+                        if rank < hi_full and rank + T.Cast("int32", T.popcount(word)) > lo:
+                            for j in T.unroll(32):
+                                # Rank of bit j: the word's first rank plus the set bits below j.
+                                r = rank + T.Cast(
+                                    "int32", T.popcount(word & (T.shift_left(T.uint32(1), T.uint32(j)) - T.uint32(1)))
+                                )
+                                if (word >> T.uint32(j)) & T.uint32(1) == T.uint32(1) and r >= lo and r < hi_full:
+                                    chosen[r - lo] = w * 32 + j
+                        rank += T.Cast("int32", T.popcount(word))
             for i, d in T.Parallel(_ROWS, dim):
                 q_s[i, d] = T.if_then_else(i < group, Q[b, hk * group + i, d], 0)
             T.fill(o, 0)
             T.fill(l_i, 0)
             T.fill(m_i, neg_inf)
-
-            # 2. This split's full blocks, listed in ascending order (the host picks enough
-            # splits that a split never has more than _LIST of them).
-            for i in T.serial(words_per_thread):
-                w = tx * words_per_thread + i
-                if w < nwords:
-                    word = bitmap[w]
-                    ones = T.Cast("int32", T.popcount(word))
-                    if before < hi_full and before + ones > lo:
-                        for j in T.serial(32):
-                            if (word >> T.Cast("uint32", j)) & T.uint32(1) == T.uint32(1):
-                                if before >= lo and before < hi_full:
-                                    chosen[before - lo] = w * 32 + j
-                                before += 1
-                    else:
-                        before += ones
             T.sync_threads()
+
             for k in T.Pipelined(T.max(hi_full - lo, 0) * sub, num_stages=stages):
                 t0 = off + chosen[k // sub] * block_size + (k % sub) * tile
                 T.copy(K[b, t0 : t0 + tile, hk, :], k_s)
@@ -253,18 +273,23 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                 T.gemm(p, v_s, o, policy=T.GemmWarpPolicy.FullRow)
 
             # The partial last block: rank total-1, owned by the split whose range ends there.
-            if partial == 1 and hi == total and lo < hi:
-                for j in T.serial(sub):
+            if hi_full < hi and lo < hi:
+                # Only the tiles holding a token: a tile of nothing but -inf scores would make
+                # the online softmax's exp2(m_prev - m_i) NaN.
+                for j in T.serial(T.ceildiv(length - (nvalid - 1) * block_size, tile)):
                     first = (nvalid - 1) * block_size + j * tile
-                    if first < length:
-                        for i, d in T.Parallel(tile, dim):
-                            kp_s[i, d] = T.if_then_else(first + i < length, K[b, off + first + i, hk, d], 0)
-                        for i, d in T.Parallel(tile, dim_v):
-                            vp_s[i, d] = T.if_then_else(first + i < length, V[b, off + first + i, hk, d], 0)
-                        T.clear(s)
-                        T.gemm(q_s, kp_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                        online_softmax(s, p, o, m_i, m_prev, alpha, l_i, rsum, scale, length - first, True)
-                        T.gemm(p, vp_s, o, policy=T.GemmWarpPolicy.FullRow)
+                    # The previous tile's wgmma (block size 128: two tiles) is done on every warp.
+                    consumer_sync()
+                    for i, d in T.Parallel(tile, dim):
+                        kp_s[i, d] = T.if_then_else(first + i < length, K[b, off + first + i, hk, d], 0)
+                    for i, d in T.Parallel(tile, dim_v):
+                        vp_s[i, d] = T.if_then_else(first + i < length, V[b, off + first + i, hk, d], 0)
+                    # wgmma reads the whole tile: every warp's stores must land first.
+                    consumer_sync()
+                    T.clear(s)
+                    T.gemm(q_s, kp_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    online_softmax(s, p, o, m_i, m_prev, alpha, l_i, rsum, scale, length - first, True)
+                    T.gemm(p, vp_s, o, policy=T.GemmWarpPolicy.FullRow)
 
             # 3. This split's normalised output and log2-sum-exp (-inf: it saw no token).
             for i, d in T.Parallel(_ROWS, dim_v):
@@ -287,13 +312,18 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                         Lpart[b, hk * group + i, sid] = m_i[i]
                 # Publish the partials before counting this split as done.
                 T.evaluate(T.call_extern("handle", "__threadfence"))
-                T.sync_threads()
-                if tx == 0:
-                    done = T.atomic_add(sem[b * hkv + hk], 1, memory_order="acq_rel", return_prev=True)
+                consumer_sync()
+                # Lane 0 counts; warp 0 shares the count by shuffle and every lane of it
+                # stores the same flag and reset (same values: no single-thread branch).
+                if tx < 32:
+                    prev = T.if_then_else(
+                        tx == 0, T.atomic_add(sem[b * hkv + hk], 1, memory_order="acq_rel", return_prev=True), 0
+                    )
+                    done = T.shfl_sync(prev, 0)
                     flag[0] = T.if_then_else(done == nsplit - 1, 1, 0)
                     if done == nsplit - 1:
                         sem[b * hkv + hk] = 0  # ready for the next launch
-                T.sync_threads()
+                consumer_sync()
                 if flag[0] == 1:
                     # The combine reads group x splits x Dv partials from L2 on one CTA: its
                     # cost is load latency, so every step issues its loads in parallel.
@@ -303,7 +333,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                         if e * _THREADS + tx < pairs:
                             row = (e * _THREADS + tx) // nsplit
                             weight[e * _THREADS + tx] = Lpart[b, hk * group + row, (e * _THREADS + tx) % nsplit]
-                    T.sync_threads()
+                    consumer_sync()
                     if tx < group:
                         mx = T.alloc_var(acc, init=neg_inf)
                         tot = T.alloc_var(acc, init=0)
@@ -311,16 +341,17 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                             mx = T.max(mx, weight[tx * nsplit + t])
                         for t in T.serial(nsplit):
                             tot += T.if_then_else(mx == neg_inf, 0, T.exp2(weight[tx * nsplit + t] - mx))
-                        lse_row[tx] = T.if_then_else(mx == neg_inf, neg_inf, mx + T.log2(tot))
-                        Lse[b, hk * group + tx] = lse_row[tx] * _LN2
-                    T.sync_threads()
+                        row_lse = T.if_then_else(mx == neg_inf, neg_inf, mx + T.log2(tot))
+                        lse_row[tx] = row_lse
+                        Lse[b, hk * group + tx] = row_lse * _LN2
+                    consumer_sync()
                     for e in T.serial(T.ceildiv(pairs, _THREADS)):
                         if e * _THREADS + tx < pairs:
                             row = (e * _THREADS + tx) // nsplit
                             weight[e * _THREADS + tx] = T.if_then_else(
                                 lse_row[row] == neg_inf, 0, T.exp2(weight[e * _THREADS + tx] - lse_row[row])
                             )
-                    T.sync_threads()
+                    consumer_sync()
                     # Each thread owns 4 adjacent columns of one row; 8 splits' loads in flight.
                     quads = group * (dim_v // 4)
                     for e in T.serial(T.ceildiv(quads, _THREADS)):
