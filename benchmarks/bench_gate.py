@@ -21,11 +21,12 @@ fused path (``ops.gate_project_q``, ``ops.gate_cache_append``: one kernel each);
 ``gate_share`` = (select + update) / (select + update + attn): the gate's share of the
 layer's decode time at a step that completes blocks; ``gate_share_amortised`` charges
 the update as ``update_idle + (update - update_idle) / block_size``, what it costs per
-step on average (``update / block_size`` where ``update_idle`` is missing). Both use CUDA-graph replay times (a decode step runs
-from a graph), eager where there is no GPU; ``*_eager`` variants use eager times.
-The gate's outputs are checked against ``seerattn_r.reference`` (``scores_relerr``,
-``select_equal``: the selected indices are identical). Random weights and caches: the
-cost does not depend on the values.
+step on average (``update / block_size`` where ``update_idle`` is missing). Both use
+CUDA-graph replay times (a decode step runs from a graph), eager where there is no GPU;
+``*_eager`` variants use eager times. The gate's outputs are checked against
+``seerattn_r.reference`` (``scores_relerr``, ``select_equal``: the selected indices are
+identical) and the fused query and update against the torch code (``qproj_relerr``,
+``update_relerr``). Random weights and caches: the cost does not depend on the values.
 
     python benchmarks/bench_gate.py --quick --out $OUT/gate.json
 """

@@ -97,8 +97,8 @@ def _pool_project_store(
 def _gate_keys_kernel(
     k_ptr, seqlens_ptr, offsets_ptr, w_ptr, norm_ptr, inv_freq_ptr, out_ptr, attention_scaling, eps,
     stride_kb, stride_ks, stride_kh, stride_wh, stride_wk, stride_ob, stride_on, stride_oh,
-    D: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HALF_PAD: tl.constexpr,
-    HAS_OFFSETS: tl.constexpr,
+    D: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr, HALF_PAD: tl.constexpr, HAS_OFFSETS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -122,8 +122,8 @@ def _gate_cache_append_kernel(
     new_ptr, recent_ptr, keys_ptr, pos_ptr, w_ptr, norm_ptr, inv_freq_ptr, attention_scaling, eps,
     capacity,
     stride_nb, stride_nh, stride_rb, stride_rt, stride_rh, stride_kb, stride_kn, stride_kh, stride_wh, stride_wk,
-    D: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HALF_PAD: tl.constexpr,
-    D_PAD: tl.constexpr,
+    D: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -135,8 +135,8 @@ def _gate_cache_append_kernel(
     offs_d = tl.arange(0, D_PAD)
     x = tl.load(new + offs_d, mask=offs_d < D, other=0.0)
     tl.store(recent + slot * stride_rt + offs_d, x.to(recent_ptr.dtype.element_ty), mask=offs_d < D)
-    # Only a completing row does more; it pools the new key from registers (`new`), not
-    # from the slot this program just wrote, so no barrier orders the two.
+    # Only a completing row does more. Its pooling takes the new key from k_new, not from
+    # the slot this program just wrote, so no barrier has to order the store and the load.
     if (slot == BLOCK_SIZE - 1) & (last < capacity):
         out = keys_ptr + pid_b.to(tl.int64) * stride_kb + last * stride_kn + pid_h * stride_kh
         _pool_project_store(recent, stride_rt, BLOCK_SIZE, slot, new, w_ptr + pid_h.to(tl.int64) * stride_wh,
@@ -210,7 +210,8 @@ def aot_configs() -> list[AotConfig]:
         for name, fn, types, constexprs in (
             ("gate_keys", _gate_keys_kernel, dict(k_ptr=dt, seqlens_ptr="*i32", offsets_ptr="*i32", out_ptr=dt),
              dict(tiles, HAS_OFFSETS=dtype != torch.bfloat16)),
-            ("gate_cache_append", _gate_cache_append_kernel, dict(new_ptr=dt, recent_ptr=dt, keys_ptr=dt, pos_ptr="*i64", capacity="i32"),
+            ("gate_cache_append", _gate_cache_append_kernel,
+             dict(new_ptr=dt, recent_ptr=dt, keys_ptr=dt, pos_ptr="*i64", capacity="i32"),
              dict(tiles, D_PAD=triton.next_power_of_2(d))),
         ):
             ints = {a: "i32" for a in fn.arg_names if a.startswith("stride_")}
