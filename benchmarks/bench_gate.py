@@ -191,7 +191,9 @@ def shares(row: dict, name: str, block_size: int) -> str:
             continue
         row[f"{name}_gate_ms{suffix}"] = sel + upd
         row[f"{name}_gate_share{suffix}"] = (sel + upd) / (sel + upd + attn)
-        amort = sel + (upd / block_size if idle is None else idle + max(upd - idle, 0.0) / block_size)
+        # Capped at `update`: timing noise can put update_idle above it (as on a CPU, where
+        # the torch path does the same work at every step).
+        amort = sel + (upd / block_size if idle is None else min(upd, idle + max(upd - idle, 0.0) / block_size))
         row[f"{name}_gate_share_amortised{suffix}"] = amort / (amort + attn)
     if f"{name}_gate_share" not in row:
         errs = [k for k in row if k.startswith(name) and k.endswith("_err")]
