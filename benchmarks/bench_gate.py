@@ -3,10 +3,12 @@
 Per grid point (the bench_decode grid; Dg = 128 by default) and per seerattn backend,
 one attention layer's decode step is split into:
 
-* ``select``: the gate query (``AttnGate.project_q``: ``[B, Hq, D]`` x ``Wq [Hkv, g, D,
-  Dg]``, RMSNorm, RoPE) + ``ops.gate_scores`` over the layer's compression cache +
-  ``ops.select_blocks`` with token budget ``round((1 - sparsity) * Nblk) * block_size``;
-  its parts are also timed alone (``qproj``, ``scores``, ``topk``);
+* ``select``: what the decode path runs, the gate query (``AttnGate.project_q``: ``[B, Hq,
+  D]`` x ``Wq [Hkv, g, D, Dg]``, RMSNorm, RoPE) + ``ops.gate_select`` (scores over the
+  layer's compression cache and the top blocks for token budget ``round((1 - sparsity) *
+  Nblk) * block_size``, fused); its parts are also timed alone (``qproj``,
+  ``scores_topk``: the fused op, and ``scores``, ``topk``: ``ops.gate_scores`` and
+  ``ops.select_blocks`` separately, the same result: ``fused_select_equal``);
 * ``update``: the compression-cache update, ``GateCache.append``, at a step where every
   row completes a block (write the new pre-RoPE key into the recent-K buffer, pool the
   block, project, norm, RoPE, write the entry); ``update_idle``: the same call at a step
@@ -49,7 +51,7 @@ from seerattn_r.cache import DecodePlan, GateCache  # noqa: E402
 from seerattn_r.gate import AttnGate  # noqa: E402
 
 KEY_FIELDS = ["batch", "tokens", "sparsity", "dtype", "block_size", "hq", "hkv", "head_dim", "gate_dim"]
-PARTS = ("qproj", "scores", "topk", "select", "update", "update_idle", "attn")
+PARTS = ("qproj", "scores", "topk", "scores_topk", "select", "update", "update_idle", "attn")
 # Estimate printed before the grid: a dozen small timings and one sparse decode per
 # point and backend.
 EST_POINT_S = 6.0
@@ -98,8 +100,13 @@ class Layer:
     def topk(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         return ops.select_blocks(scores, self.plan.last, self.plan.seqlens, self.block_size, token_budget=budget)
 
+    def fused_select(self, q_gate: torch.Tensor, budget: int) -> torch.Tensor:
+        return ops.gate_select(q_gate, self.cache.keys, self.plan.last, self.plan.seqlens, self.block_size,
+                               token_budget=budget)
+
     def select(self, budget: int) -> torch.Tensor:
-        return self.topk(self.scores(self.qproj()), budget)
+        """What the decode path runs: the query, then scores and selection fused."""
+        return self.fused_select(self.qproj(), budget)
 
     def update(self, idle: bool = False, fused: bool | None = None) -> None:
         self.cache.append(self.gate, self.k_new, self.idle_plan if idle else self.plan, fused=fused)
@@ -128,6 +135,7 @@ def check(row: dict, layer: Layer, budget: int, name: str) -> torch.Tensor | Non
             q_gate = layer.qproj()
             scores = layer.scores(q_gate)
             idx = layer.topk(scores, budget)
+            row[f"{name}_fused_select_equal"] = bool(torch.equal(layer.fused_select(q_gate, budget), idx))
             row[f"{name}_update_relerr"] = C.clean_float(check_update(layer))
     except Exception as exc:  # noqa: BLE001 - a failing backend is data
         row[f"{name}_err"] = C.short_error(exc)
@@ -158,6 +166,7 @@ def point(row: dict, layer: Layer, backends: dict, device: torch.device, graph: 
             "qproj": layer.qproj,
             "scores": lambda: layer.scores(q_gate),
             "topk": lambda: layer.topk(scores, budget),
+            "scores_topk": lambda: layer.fused_select(q_gate, budget),
             "select": lambda: layer.select(budget),
             "update": layer.update,
             "update_idle": lambda: layer.update(idle=True),
@@ -199,10 +208,10 @@ def shares(row: dict, name: str, block_size: int) -> str:
         errs = [k for k in row if k.startswith(name) and k.endswith("_err")]
         return f"{name} ERR ({','.join(errs)})"
     t = {p: row.get(f"{name}_{p}_graph_ms", row.get(f"{name}_{p}_ms")) for p in PARTS}
-    ok = "" if row.get(f"{name}_select_equal") else " SELECT!=REF"
+    ok = "" if row.get(f"{name}_select_equal") and row.get(f"{name}_fused_select_equal") else " SELECT!=REF"
     idle = "-" if t["update_idle"] is None else f"{t['update_idle'] * 1e3:.1f}"
     return (f"{name}: select {t['select'] * 1e3:.1f}us (q {t['qproj'] * 1e3:.1f} s {t['scores'] * 1e3:.1f} "
-            f"k {t['topk'] * 1e3:.1f}) update {t['update'] * 1e3:.1f}us (idle {idle}) "
+            f"k {t['topk'] * 1e3:.1f} fused s+k {t['scores_topk'] * 1e3:.1f}) update {t['update'] * 1e3:.1f}us (idle {idle}) "
             f"attn {t['attn'] * 1e3:.1f}us "
             f"share {row[f'{name}_gate_share']:.1%} (amortised {row[f'{name}_gate_share_amortised']:.1%}){ok}")
 

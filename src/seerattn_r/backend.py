@@ -63,6 +63,10 @@ _IMPLS: dict[str, dict[str, str]] = {
         "torch": "seerattn_r.reference.select_blocks:select_blocks",
         "triton": "seerattn_r.kernels.triton.select_blocks:select_blocks",
     },
+    "gate_select": {
+        "torch": "seerattn_r.reference.gate_select:gate_select",
+        "triton": "seerattn_r.kernels.triton.gate_select:gate_select",
+    },
     "gate_project_q": {
         "torch": "seerattn_r.reference.gate_project_q:gate_project_q",
         "triton": "seerattn_r.kernels.triton.gate_project_q:gate_project_q",

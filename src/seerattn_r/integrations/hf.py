@@ -181,13 +181,17 @@ def _select(rt: Runtime, layer: int, q_pre, q, k_view, cache: GateCache, plan: D
     cfg = rt.config
     bs = cfg.block_size
     if cfg.selection == "gate":
+        # Scores and selection fused: the probabilities are never written (same result).
         q_gate = rt.gates[layer].project_q(q_pre, plan.positions, fused=True)
-        scores = ops.gate_scores(q_gate, cache.keys, plan.last)
-    elif cfg.selection == "oracle":
-        scores = oracle_block_scores(q, k_view, plan.seqlens, bs, scaling, plan.offsets)
+        idx = ops.gate_select(q_gate, cache.keys, plan.last, plan.seqlens, bs, cfg.selection_budget, cfg.threshold,
+                              cfg.sink_block)
     else:
-        scores = quest_block_scores(q, k_view, plan.seqlens, bs, plan.offsets)
-    idx = ops.select_blocks(scores, plan.last, plan.seqlens, bs, cfg.selection_budget, cfg.threshold, cfg.sink_block)
+        if cfg.selection == "oracle":
+            scores = oracle_block_scores(q, k_view, plan.seqlens, bs, scaling, plan.offsets)
+        else:
+            scores = quest_block_scores(q, k_view, plan.seqlens, bs, plan.offsets)
+        idx = ops.select_blocks(scores, plan.last, plan.seqlens, bs, cfg.selection_budget, cfg.threshold,
+                                cfg.sink_block)
     # Rows still under min_sparse_length read every block (a device mask, no branch).
     width = max(idx.shape[-1], cfg.dense_blocks)
     if width > idx.shape[-1]:

@@ -8,9 +8,10 @@ from seerattn_r.ops.attn_block_max import attn_block_max
 from seerattn_r.ops.gate_cache import gate_cache_append, gate_keys
 from seerattn_r.ops.gate_project_q import gate_project_q
 from seerattn_r.ops.gate_scores import gate_scores
+from seerattn_r.ops.gate_select import gate_select
 from seerattn_r.ops.kpool import kpool
 from seerattn_r.ops.select_blocks import num_selected_slots, select_blocks
 from seerattn_r.ops.sparse_decode import sparse_decode
 
-__all__ = ["attn_block_max", "gate_cache_append", "gate_keys", "gate_project_q", "gate_scores", "kpool",
+__all__ = ["attn_block_max", "gate_cache_append", "gate_keys", "gate_project_q", "gate_scores", "gate_select", "kpool",
            "num_selected_slots", "select_blocks", "sparse_decode"]
