@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU session behind benchmarks/results/{decode,gate,e2e}-h100.json: correctness of the
-# Triton kernels on the GPU, then the key benchmark points, each step capped so the whole
-# run fits one 10-minute call of a lent GPU machine. Results land in $OUT (default ./out).
-#   bash benchmarks/run_quick.sh            # then: python benchmarks/merge.py ... / plot.py
+# The GPU session behind benchmarks/results/{decode,gate,e2e}-<gpu>.json, in two parts that
+# each fit one 10-minute call of a lent GPU machine (every step is capped). Results land in
+# $OUT (default ./out); merge and plot them with benchmarks/merge.py and plot.py.
+#   bash benchmarks/run_quick.sh kernels   # GPU tests, gate cost, kernel grid (quick subset)
+#   bash benchmarks/run_quick.sh e2e       # end to end: CUDA graphs, then torch.compile
+# PEERS (default "sdpa,flex") picks the dense/sparse peers of the kernel grid.
 set -u
 cd "$(dirname "$0")/.."
+part=${1:-kernels}
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH} SEERATTN_BACKEND=${SEERATTN_BACKEND:-triton}
 step() {  # step SECONDS LOGNAME command...: run capped, keep the full log, show its tail
@@ -13,12 +16,27 @@ step() {  # step SECONDS LOGNAME command...: run capped, keep the full log, show
   timeout -k 5 "$t" "$@" > "$OUT/$log" 2>&1; local rc=$?
   tail -8 "$OUT/$log"; echo "=== rc=$rc"
 }
-step 120 decode.log python benchmarks/bench_decode.py --quick --backends triton --peers sdpa --max-seconds 105 --out "$OUT/decode.json"
-step 150 e2e.log python benchmarks/bench_e2e.py --context 32k --batch 4 --budgets 4k --methods dense-flashdecode,seerattn --modes graph --max-seconds 140 --out "$OUT/e2e.json"
-SEERATTN_HYPOTHESIS=gpu step 120 tests.log python -m pytest -m gpu tests/test_ops.py -k cuda-triton -q -p no:cacheprovider
-step 40 gate.log python benchmarks/bench_gate.py --quick --max-seconds 35 --out "$OUT/gate.json"
-# Compiled end to end (about 2 minutes per method, most of it compiling): one call each.
-[ -n "${COMPILED:-}" ] && for m in seerattn dense-flashdecode; do
-  step 300 "e2e-compiled-$m.log" python benchmarks/bench_e2e.py --context 32k --batch 4 --budgets 4k --methods "$m" --modes compiled --max-seconds 290 --out "$OUT/e2e.json"
-done
+pytest_gpu() { python -m pytest -m gpu -q -p no:cacheprovider --durations=5 "$@"; }
+case $part in
+kernels)
+  # Every Triton kernel against its reference on the GPU (200 examples per op for the
+  # attention and gate kernels, the default profile for the rest).
+  SEERATTN_HYPOTHESIS=gpu step 150 tests.log pytest_gpu tests/test_ops.py tests/test_gate_kernels.py
+  step 110 tests-more.log pytest_gpu tests/test_gate_fused.py tests/test_gate_select_op.py tests/test_attn_block_max.py \
+    tests/test_integration.py tests/test_compile_model.py
+  step 45 gate.log python benchmarks/bench_gate.py --quick --max-seconds 40 --out "$OUT/gate.json"
+  step 170 decode.log python benchmarks/bench_decode.py --quick --backends triton --peers "${PEERS:-sdpa,flex}" \
+    --max-seconds 160 --out "$OUT/decode.json"
+  ;;
+e2e)
+  step 100 e2e.log python benchmarks/bench_e2e.py --context 32k --batch 4 --budgets 4k \
+    --methods dense-flashdecode,seerattn --modes graph --max-seconds 90 --out "$OUT/e2e.json"
+  # Compiled (most of it compiling): one process per method so each gets its own cap.
+  for m in seerattn dense-flashdecode; do
+    step 210 "e2e-compiled-$m.log" python benchmarks/bench_e2e.py --context 32k --batch 4 --budgets 4k \
+      --methods "$m" --modes compiled --max-seconds 200 --out "$OUT/e2e.json"
+  done
+  ;;
+*) echo "usage: $0 kernels|e2e" >&2; exit 2 ;;
+esac
 echo "=== [$(date +%T)] done"
