@@ -46,27 +46,43 @@ def test_decode_step_compiles_fullgraph_cpu():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+def _teacher_forced(fn, prefill, position, steps: int, tokens=None):
+    """Logits of ``steps`` decode steps ``[B, steps, V]`` and the tokens fed. Each step is
+    fed ``tokens[:, i]`` when given (else its own argmax), so two runs compare step by
+    step and a near-tie argmax flip cannot send them down different continuations."""
+    cache, tok = prefill()
+    outs, fed = [], []
+    with torch.no_grad():
+        for i in range(steps):
+            if tokens is not None:
+                tok = tokens[:, i : i + 1]
+            fed.append(tok)
+            # No attention mask: sparse layers address rows by position and offset, and
+            # a growing mask would change the step's shapes.
+            logits = fn(tok, position + i, None, cache)
+            outs.append(logits.clone())
+            tok = logits[:, -1:].argmax(-1)
+    return torch.cat(outs, 1), torch.cat(fed, 1)
+
+
+def test_compiled_steps_match_eager_across_block_completions_cpu():
+    """20 compiled steps (fullgraph) match eager ones, fed the same tokens: the gate's cache
+    update, which completes a block twice in these steps, is in the graph and takes effect."""
+    model, prefill, step, position, _ = _setup("cpu")
+    eager, tokens = _teacher_forced(step, prefill, position, 20)
+    torch._dynamo.reset()
+    compiled, _ = _teacher_forced(torch.compile(step, fullgraph=True), prefill, position, 20, tokens)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_decode_steps_replay_from_cuda_graphs():
     """Several steps of the compiled step under mode='reduce-overhead' (CUDA graphs, static
-    cache; two of them complete a block) match eager steps."""
-    model, prefill, step, position, step_mask = _setup("cuda", torch.bfloat16)
-    steps = 20
-
-    def run(fn):
-        cache, tok = prefill()
-        outs = []
-        with torch.no_grad():
-            for i in range(steps):
-                # No attention mask: sparse layers address rows by position and offset, and
-                # a growing mask would change the step's shapes.
-                logits = fn(tok, position + i, None, cache)
-                outs.append(logits.clone())
-                tok = logits[:, -1:].argmax(-1)
-        return torch.cat(outs, 1)
-
-    eager = run(step)
+    cache; two of them complete a block) match eager steps fed the same tokens."""
+    model, prefill, step, position, _ = _setup("cuda", torch.bfloat16)
+    eager, tokens = _teacher_forced(step, prefill, position, 20)
     torch._dynamo.reset()
-    compiled = run(torch.compile(step, mode="reduce-overhead", fullgraph=True))
+    compiled, _ = _teacher_forced(torch.compile(step, mode="reduce-overhead", fullgraph=True), prefill, position,
+                                  20, tokens)
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
