@@ -45,8 +45,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("device: cpu (no CUDA/ROCm GPU visible)")
     print(f"{backend.ENV_VAR}={backend.requested()}")
     print("backend that auto picks, per op:")
-    for op, chosen, why in backend.describe(device):
-        print(f"  {op:<15}{chosen:<10}{why}")
+    rows = backend.describe(device)
+    width = max(len(op) for op, _, _ in rows) + 2
+    for op, chosen, why in rows:
+        print(f"  {op:<{width}}{chosen:<10}{why}")
     return 0
 
 
