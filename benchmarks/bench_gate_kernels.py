@@ -22,7 +22,6 @@ unfused). CPU (Triton interpreter) only for a smoke run at toy sizes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -112,9 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results += point(args, batch, tokens, device, dtype, ppus)
             C.free_memory(device)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        info = C.env_info(device)
-        args.out.write_text(json.dumps({"info": info, "rows": results}, indent=1, default=str))
+        # A sweep, not a grid to resume: each run writes its own file.
+        C.write_results(args.out, "gate_kernels", C.env_info(device), results, merge=False)
     return results
 
 

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from seerattn_r import ops
-
-RMS_EPS = 1e-6
+from seerattn_r.ops.gate_project_q import RMS_EPS  # one value for the torch and the fused paths
 INIT_STD = 0.02
 
 
