@@ -14,7 +14,11 @@ one attention layer's decode step is split into:
   block, project, norm, RoPE, write the entry); ``update_idle``: the same call at a step
   where no row completes one (only the key is written). The integration calls it at
   *every* step (no host sync decides whether a block completed);
-* ``attn``: ``ops.sparse_decode`` over the selected blocks (budget + sink + last block).
+* ``attn``: ``ops.sparse_decode`` over the selected blocks (budget + sink + last block);
+* ``step``: the layer's whole sparse attention step at an idle step, as decoding runs it:
+  ``select``, ``update_idle`` and ``attn`` of the blocks just selected, in one call (one
+  CUDA graph). Timed alone, each small kernel pays a graph launch and the L2 flush's cold
+  start; inside one graph the launches overlap the previous kernel's tail.
 
 Everything runs under ``torch.no_grad`` as in decoding, so on a GPU the gate takes its
 fused path (``ops.gate_project_q``, ``ops.gate_cache_append``: one kernel each);
@@ -51,7 +55,7 @@ from seerattn_r.cache import DecodePlan, GateCache  # noqa: E402
 from seerattn_r.gate import AttnGate  # noqa: E402
 
 KEY_FIELDS = ["batch", "tokens", "sparsity", "dtype", "block_size", "hq", "hkv", "head_dim", "gate_dim"]
-PARTS = ("qproj", "scores", "topk", "scores_topk", "select", "update", "update_idle", "attn")
+PARTS = ("qproj", "scores", "topk", "scores_topk", "select", "update", "update_idle", "attn", "step")
 # Estimate printed before the grid: a dozen small timings and one sparse decode per
 # point and backend.
 EST_POINT_S = 6.0
@@ -114,6 +118,12 @@ class Layer:
     def attn(self, idx: torch.Tensor) -> torch.Tensor:
         return ops.sparse_decode(self.q, self.k_cache, self.v_cache, self.plan.seqlens, idx, self.block_size)
 
+    def step(self, budget: int) -> torch.Tensor:
+        """The layer's sparse attention at an idle decode step: choose, update, attend."""
+        idx = self.select(budget)
+        self.update(idle=True)
+        return self.attn(idx)
+
 
 def check_update(layer: Layer) -> float:
     """Relative error of the completed entries written by ``GateCache.append`` (the
@@ -171,6 +181,7 @@ def point(row: dict, layer: Layer, backends: dict, device: torch.device, graph: 
             "update": layer.update,
             "update_idle": lambda: layer.update(idle=True),
             "attn": lambda: layer.attn(idx),
+            "step": lambda: layer.step(budget),
             "qproj_unfused": lambda: layer.qproj(fused=False),
             "update_unfused": lambda: layer.update(fused=False),
         }
@@ -204,6 +215,10 @@ def shares(row: dict, name: str, block_size: int) -> str:
         # the torch path does the same work at every step).
         amort = sel + (upd / block_size if idle is None else min(upd, idle + max(upd - idle, 0.0) / block_size))
         row[f"{name}_gate_share_amortised{suffix}"] = amort / (amort + attn)
+        step = t("step")
+        if step is not None and idle is not None:
+            completing = max(upd - idle, 0.0) / block_size
+            row[f"{name}_gate_share_step{suffix}"] = (step - attn + completing) / (step + completing)
     if f"{name}_gate_share" not in row:
         errs = [k for k in row if k.startswith(name) and k.endswith("_err")]
         return f"{name} ERR ({','.join(errs)})"
@@ -213,7 +228,9 @@ def shares(row: dict, name: str, block_size: int) -> str:
     return (f"{name}: select {t['select'] * 1e3:.1f}us (q {t['qproj'] * 1e3:.1f} s {t['scores'] * 1e3:.1f} "
             f"k {t['topk'] * 1e3:.1f} fused s+k {t['scores_topk'] * 1e3:.1f}) update {t['update'] * 1e3:.1f}us (idle {idle}) "
             f"attn {t['attn'] * 1e3:.1f}us "
-            f"share {row[f'{name}_gate_share']:.1%} (amortised {row[f'{name}_gate_share_amortised']:.1%}){ok}")
+            f"share {row[f'{name}_gate_share']:.1%} (amortised {row[f'{name}_gate_share_amortised']:.1%}"
+            + (f", in one graph {row[f'{name}_gate_share_step']:.1%} of step {t['step'] * 1e3:.1f}us"
+               if f"{name}_gate_share_step" in row else "") + f"){ok}")
 
 
 @torch.no_grad()  # as in decoding: the gate takes its fused path on a GPU

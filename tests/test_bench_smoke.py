@@ -87,9 +87,10 @@ def test_gate_rows(gate_json):
     for r in rows:
         assert not any(k.endswith("_err") for k in r), r
         assert r["torch_select_equal"] and r["torch_scores_relerr"] == 0.0
-        for part in ("qproj", "scores", "topk", "select", "update", "attn"):
+        for part in ("qproj", "scores", "topk", "select", "update", "attn", "step"):
             assert r[f"torch_{part}_ms"] > 0
         assert 0 < r["torch_gate_share_amortised"] <= r["torch_gate_share"] < 1
+        assert r["torch_gate_share_step"] < 1
 
 
 @pytest.fixture(scope="module")

@@ -79,10 +79,15 @@ def test_compiled_steps_match_eager_across_block_completions_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_decode_steps_replay_from_cuda_graphs():
     """Several steps of the compiled step under mode='reduce-overhead' (CUDA graphs, static
-    cache; two of them complete a block) match eager steps fed the same tokens."""
-    model, prefill, step, position, _ = _setup("cuda", torch.bfloat16)
+    cache; two of them complete a block) match eager steps fed the same tokens.
+
+    fp32: what this checks is that the replayed graphs read and update the caches as the
+    eager steps do. In bf16 inductor's fused RMSNorm/rotary round differently from eager,
+    which moved 1.3% of the logits past 2e-2 by step 17 on an H100 and said nothing about
+    the graphs."""
+    model, prefill, step, position, _ = _setup("cuda", torch.float32)
     eager, tokens = _teacher_forced(step, prefill, position, 20)
     torch._dynamo.reset()
     compiled, _ = _teacher_forced(torch.compile(step, mode="reduce-overhead", fullgraph=True), prefill, position,
                                   20, tokens)
-    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
