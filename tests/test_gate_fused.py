@@ -133,32 +133,19 @@ def test_gate_project_q_bad_splits(splits, exc):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_gate_project_q_cuda_graph():
     """Captured in a CUDA graph (the first call on the capture stream makes its tickets
-    during the capture) and replayed on new queries: each replay equals an eager call bit
-    for bit, and the tickets live outside the graph's memory pool."""
+    there) and replayed on new queries: each replay equals an eager call bit for bit."""
     q, *rest = _q_inputs(16, 8, 8, 128, 128, torch.float16, "cuda")
 
     def step():
         return triton_q.gate_project_q(q, *rest, 1.0, 1e-6)
 
-    step()  # compiles (not allowed during a capture)
-    capture = torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=capture):
+    with torch.cuda.graph(graph):
         out = step()
     for seed in range(3):
         q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q))
         graph.replay()
         torch.testing.assert_close(out, step(), rtol=0, atol=0)
-    # Free the graph's pool and fill what it gave back: the capture stream's tickets still work.
-    del graph, out
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    junk = torch.full((64 << 20,), 7, dtype=torch.int32, device="cuda")
-    with torch.cuda.stream(capture):
-        again = step()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(again, step(), rtol=0, atol=0)
-    del junk
 
 
 @st.composite

@@ -136,37 +136,23 @@ def split_plan(k_total: int, wanted: int) -> tuple[int, int]:
 
 
 # Split-K tickets: one int32 counter per (row block, KV head), zero between launches (the
-# finishing program resets its own), so a launch needs no memset and no host sync and
-# captures in a CUDA graph. Per device and stream: launches that may overlap never share
-# counters (replays of two graphs captured on one stream must not overlap either). Never
-# freed (a graph keeps the address; an outgrown buffer is kept too).
+# finishing program resets its own). Per device and stream, so launches that may overlap
+# never share counters; stream-ordered launches on one stream reuse them, with no memset
+# and no host sync, so the launch captures in a CUDA graph (the graph keeps the buffer's
+# address, so a buffer that is outgrown is kept alive, never freed). Two replays of graphs
+# captured on one stream must not run concurrently.
 _TICKETS: dict[tuple, torch.Tensor] = {}
 _OUTGROWN: list[torch.Tensor] = []
-_ALLOC_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` zeroed counters for launches on ``device``'s current stream."""
-    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    key = (device, None if stream is None else stream.cuda_stream)
-    buf = _TICKETS.get(key)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    size = max(n, 256, 0 if buf is None else 2 * buf.numel())
-    if buf is not None:
-        _OUTGROWN.append(buf)
-    if stream is None:
-        buf = torch.zeros(size, dtype=torch.int32, device=device)
-    else:
-        # Allocated while a private stream is current, so the caching allocator takes it from
-        # its ordinary pool, not from the pool of a graph being captured or of cudagraph
-        # trees (whose checkpoints may hand pool memory to another tensor while we keep it).
-        # Zeroed on the launch stream: ordered before the kernel, a memset node if captured.
-        side = _ALLOC_STREAMS.setdefault(device, torch.cuda.Stream(device))
-        with torch.cuda.stream(side):
-            buf = torch.empty(size, dtype=torch.int32, device=device)
-        buf.zero_()
-    _TICKETS[key] = buf
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    buf = _TICKETS.get((device, stream))
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = torch.zeros(max(n, 256, 0 if buf is None else 2 * buf.numel()), dtype=torch.int32, device=device)
+        _TICKETS[(device, stream)] = buf
     return buf
 
 
