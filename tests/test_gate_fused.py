@@ -19,10 +19,9 @@ from seerattn_r import ops
 from seerattn_r.backend import use_backend
 from seerattn_r.cache import DecodePlan, GateCache
 from seerattn_r.gate import AttnGate, GateRotary
-from seerattn_r.kernels.triton import gate_project_q as triton_q
 from seerattn_r.reference import gate_cache as ref_cache
 from seerattn_r.reference.gate_project_q import gate_project_q as ref_project_q
-from tests.utils import RTOL, assert_close, cpu_backends, gpu_backends, interpreting
+from tests.utils import RTOL, assert_close, cpu_backends, gpu_backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Every op path: each backend under test plus the torch reference through the op layer.
@@ -63,89 +62,6 @@ def test_gate_project_q(device, name, data, poison_empty):
     ref = ref_project_q(q.float(), weight.float(), norm.float(), inv_freq, positions, scaling, 1e-6)
     assert out.dtype == dtype and out.shape == (batch, hkv, dg)
     assert_close("q_gate", ref, out.float(), RTOL[dtype])
-
-
-# The Triton kernels called directly (for arguments the op does not expose).
-TRITON_DEVICES = [
-    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
-    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="no GPU")]),
-]
-# (B, Hkv, g, D, Dg, dtype, num_splits): one and two row blocks of 16, splits of one chunk,
-# uneven splits (5 asked of 8 chunks gives 4 of 2), a last chunk cut by the g*D end (g*D
-# 144), more splits asked than chunks, and the device's own choice (None).
-SPLIT_CASES = {
-    "B1-g8-split8": (1, 2, 8, 64, 32, torch.float16, 8),
-    "B1-g8-split1": (1, 2, 8, 64, 32, torch.float32, 1),
-    "B3-g3-D48-Dg24-split3": (3, 1, 3, 48, 24, torch.float32, 3),
-    "B16-g8-split5": (16, 2, 8, 64, 32, torch.float16, 5),
-    "B17-g2-Dg128-split2": (17, 1, 2, 64, 128, torch.bfloat16, 2),
-    "B17-g8-split16": (17, 2, 8, 64, 32, torch.float32, 16),
-    "B16-g8-auto": (16, 2, 8, 64, 32, torch.float16, None),
-}
-
-
-def _q_inputs(batch, hkv, group, d, dg, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, hkv * group, d, generator=gen).to(device=device, dtype=dtype)
-    weight = (torch.randn(hkv, group, d, dg, generator=gen) * (group * d) ** -0.5).to(device=device, dtype=dtype)
-    norm = (torch.rand(dg, generator=gen) + 0.5).to(device=device, dtype=dtype)
-    inv_freq = GateRotary.default(dg, 1e6).inv_freq.to(device)
-    positions = torch.randint(0, 100_000, (batch,), generator=gen).to(device)
-    return q, weight, norm, inv_freq, positions
-
-
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-@pytest.mark.parametrize("case", list(SPLIT_CASES))
-def test_gate_project_q_split(device, case, poison_empty):
-    """The split-K kernel against the reference, at every split count; a second call gives
-    the same bits (each finishing program zeroes its ticket, and sums the partials in a
-    fixed order) and every ticket is 0 between launches."""
-    batch, hkv, group, d, dg, dtype, splits = SPLIT_CASES[case]
-    args = (*_q_inputs(batch, hkv, group, d, dg, dtype, device), 1.2, 1e-6)
-    first = triton_q.gate_project_q(*args, num_splits=splits)
-    again = triton_q.gate_project_q(*args, num_splits=splits)
-    ref = ref_project_q(args[0].float(), args[1].float(), *args[2:])
-    assert_close("q_gate", ref, first.float(), RTOL[dtype])
-    assert torch.equal(first, again), "a repeated call changed the result"
-    assert not any(t.any() for t in triton_q._TICKETS.values()), "a ticket was left non-zero"
-
-
-def test_split_plan():
-    """Shares of a 1024-long reduction (16 chunks of 64): as asked when it divides, fewer
-    when the last share would be empty or short, never more than the chunks."""
-    assert triton_q.split_plan(1024, 16) == (16, 1)
-    assert triton_q.split_plan(1024, 132) == (16, 1)
-    assert triton_q.split_plan(1024, 5) == (4, 4)
-    assert triton_q.split_plan(1024, 1) == (1, 16)
-    assert triton_q.split_plan(144, 8) == (3, 1)
-    assert triton_q.split_plan(48, 0) == (1, 1)
-
-
-@pytest.mark.parametrize(("splits", "exc"), [(0, ValueError), (2.0, TypeError), (True, TypeError)])
-def test_gate_project_q_bad_splits(splits, exc):
-    args = (*_q_inputs(1, 1, 2, 64, 32, torch.float32, "cpu"), 1.0, 1e-6)
-    with pytest.raises(exc, match="num_splits"):
-        triton_q.gate_project_q(*args, num_splits=splits)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
-def test_gate_project_q_cuda_graph():
-    """Captured in a CUDA graph (the first call on the capture stream makes its tickets
-    there) and replayed on new queries: each replay equals an eager call bit for bit."""
-    q, *rest = _q_inputs(16, 8, 8, 128, 128, torch.float16, "cuda")
-
-    def step():
-        return triton_q.gate_project_q(q, *rest, 1.0, 1e-6)
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for seed in range(3):
-        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q))
-        graph.replay()
-        torch.testing.assert_close(out, step(), rtol=0, atol=0)
 
 
 @st.composite
