@@ -7,16 +7,17 @@ import math
 import torch
 
 from seerattn_r import backend
+from seerattn_r.ops import _checks as chk
 from seerattn_r.ops.gate_scores import _check as _check_scores
-from seerattn_r.ops.select_blocks import _check as _check_select
-from seerattn_r.ops.select_blocks import num_selected_slots
+from seerattn_r.ops.select_blocks import check_selection, num_selected_slots
 
 
 def _check(q_gate, k_gate, num_blocks, cache_seqlens, block_size, token_budget, threshold) -> None:
+    # Plain checks only: this also runs while Dynamo traces the caller, where creating a
+    # tensor (as a stand-in for the probabilities) broke the graph on torch 2.11.
     _check_scores(q_gate, k_gate, num_blocks)
-    # The selection's own checks, on a stand-in for the probabilities it never writes.
-    stand_in = torch.empty((), dtype=torch.float32, device=q_gate.device).expand(*q_gate.shape[:2], k_gate.shape[1])
-    _check_select(stand_in, num_blocks, cache_seqlens, block_size, token_budget, threshold)
+    check_selection(q_gate.shape[0], num_blocks, cache_seqlens, block_size, token_budget, threshold)
+    chk.same_device({"q_gate": q_gate, "cache_seqlens": cache_seqlens})
 
 
 @torch.library.custom_op("seerattn::gate_select", mutates_args=())

@@ -17,10 +17,8 @@ def num_selected_slots(nblk, block_size: int, token_budget: int | None):
     return torch.sym_min(token_budget // block_size, nblk) + 2
 
 
-def _check(scores, num_blocks, cache_seqlens, block_size, token_budget, threshold) -> None:
-    chk.tensor("scores", scores, 3, "[B, Hkv, Nblk] float32")
-    chk.dtype_in("scores", scores, (torch.float32,))
-    batch = scores.shape[0]
+def check_selection(batch: int, num_blocks, cache_seqlens, block_size, token_budget, threshold) -> None:
+    """The selection's checks that do not need the scores (``gate_select`` never has them)."""
     chk.int32_vector("num_blocks", num_blocks, batch, "scored blocks per row")
     chk.int32_vector("cache_seqlens", cache_seqlens, batch, "tokens per row")
     chk.block_size(block_size)
@@ -31,6 +29,12 @@ def _check(scores, num_blocks, cache_seqlens, block_size, token_budget, threshol
         )
     if token_budget is not None and token_budget < 0:
         raise ValueError(f"token_budget must be >= 0, got {token_budget}")
+
+
+def _check(scores, num_blocks, cache_seqlens, block_size, token_budget, threshold) -> None:
+    chk.tensor("scores", scores, 3, "[B, Hkv, Nblk] float32")
+    chk.dtype_in("scores", scores, (torch.float32,))
+    check_selection(scores.shape[0], num_blocks, cache_seqlens, block_size, token_budget, threshold)
     chk.same_device({"scores": scores, "num_blocks": num_blocks, "cache_seqlens": cache_seqlens})
 
 
