@@ -368,11 +368,12 @@ def _row_key(row: dict, key_fields: Iterable[str]) -> tuple:
     return tuple(row.get(f) for f in key_fields)
 
 
-def merge_results(parts: list[dict]) -> dict:
+def merge_results(parts: list[dict], fill: bool = False) -> dict:
     """Join result files of one benchmark on one GPU kind into one: rows concatenated,
-    a later row replacing an earlier one with the same key (``info["key_fields"]``);
-    ``info`` is the first part's, with ``info["parts"]`` listing each part's date, commit
-    and bandwidth. Mixing benchmarks or GPU models is a ValueError."""
+    a later row replacing an earlier one with the same key (``info["key_fields"]``), or
+    with ``fill`` only adding the columns the earlier row lacks (a run of other peers on
+    the same points); ``info`` is the first part's, with ``info["parts"]`` listing each
+    part's date, commit and bandwidth. Mixing benchmarks or GPU models is a ValueError."""
     if not parts:
         raise ValueError("merge_results(parts) needs at least one result")
     first = parts[0]
@@ -389,7 +390,8 @@ def merge_results(parts: list[dict]) -> dict:
     for p in parts:
         part_info.extend(p["info"].get("parts") or [_part_summary(p["info"])])
         for row in p["rows"]:
-            rows[_row_key(row, key_fields)] = row
+            key = _row_key(row, key_fields)
+            rows[key] = {**row, **rows[key]} if fill and key in rows else row
     info = {k: v for k, v in first["info"].items() if k != "parts"}
     seen, unique = set(), []
     for s in part_info:

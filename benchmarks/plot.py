@@ -7,10 +7,11 @@
   of their own run);
 * ``decode-roofline-<gpu>.png``: fraction of the bandwidth floor, same panels;
 * ``gate-share-<gpu>.png``: the gate's share of the attention layer's decode time, one
-  panel per batch, a line per context length (solid: as run, every step; dashed: cache
-  update amortised over a block);
-* ``e2e-<gpu>.png``: decode tokens/s per configuration, with the bandwidth floor and the
-  stock-transformers anchor.
+  panel per batch, a line per context length (solid: parts timed alone, a step that
+  completes blocks; dashed: cache update amortised over a block; dotted: marginal cost
+  inside the whole step captured as one graph, update amortised);
+* ``e2e-<gpu>.png``: decode tokens/s per method and mode, one panel per context, a group
+  per batch, with each bar's bandwidth floor and the stock-transformers anchor.
 
     python benchmarks/plot.py benchmarks/results/decode-h100.json benchmarks/results/gate-h100.json
 """
@@ -167,52 +168,61 @@ def plot_gate(data: dict, out_dir: Path) -> list[Path]:
             ax.plot(xs, [100 * y for y in ys], "o-", color=color, ms=3, label=_tok(t))
             xs, ys = _series(pr, lambda r: r.get(f"{backend}_gate_share_amortised"))
             ax.plot(xs, [100 * y for y in ys], "--", color=color, lw=0.8)
+            xs, ys = _series(pr, lambda r: r.get(f"{backend}_gate_share_step"))
+            ax.plot(xs, [100 * y for y in ys], ":", color=color, lw=1.2)
         ax.axhline(10, color="r", lw=0.6, ls=":")
         ax.set_xlabel("sparsity")
         if j == 0:
-            ax.set_ylabel("gate share %  (-- update amortised)")
+            ax.set_ylabel("gate share %\n(-- amortised, : in one graph)")
     axes[0][-1].legend(fontsize=7, title="tokens", title_fontsize=7)
     return [_save(fig, out_dir, f"gate-share-{C.gpu_slug(info)}.png")]
 
 
 def plot_e2e(data: dict, out_dir: Path) -> list[Path]:
-    rows, info = data["rows"], data["info"]
+    rows = [dict(r, series=f"{r['label']} {r['mode']}") for r in data["rows"] if r.get("tok_s")]
+    info = data["info"]
     contexts = sorted({r["context"] for r in rows})
+    # One colour per (method, mode) across every panel: dense first, then budgets ascending.
+    series = sorted({r["series"] for r in rows},
+                    key=lambda s: (s.split()[1], not s.startswith("dense"), int(s.split()[0].split("-")[-1])
+                                   if s.split()[0].split("-")[-1].isdigit() else 0))
+    cmap = plt.get_cmap("tab10")
+    colors = {s: cmap(i % 10) for i, s in enumerate(series)}
     fig, axes = _panels(1, len(contexts), f"{info.get('gpu') or 'CPU'}: decode tokens/s, "
-                        f"{rows[0].get('model', 'model')}")
+                        f"{rows[0].get('model', 'model') if rows else 'model'} (black ticks: bandwidth floor)")
     anchor = None
     if ANCHORS.exists() and info.get("gpu"):
         with open(ANCHORS) as fh:
             e2e = json.load(fh)["transformers_dense_e2e"]
         anchor = next((v for k, v in e2e.items() if k in info["gpu"].lower()), None)
+    width = 0.8 / max(1, len(series))
+    batches = sorted({r["batch"] for r in rows})  # the panels share their x axis
     for j, ctx in enumerate(contexts):
         ax = axes[0][j]
-        pr = [dict(r, label=f"{r['label']} {r['mode']}") for r in rows if r["context"] == ctx and r.get("tok_s")]
-        labels = sorted({r["label"] for r in pr})
-        batches = sorted({r["batch"] for r in pr})
-        width = 0.8 / max(1, len(labels))
-        for k, lab in enumerate(labels):
-            xs, ys = [], []
-            for i, b in enumerate(batches):
-                hit = [r["tok_s"] for r in pr if r["label"] == lab and r["batch"] == b]
-                if hit:
-                    xs.append(i + k * width)
-                    ys.append(max(hit))
-            ax.bar(xs, ys, width, label=lab)
-        for i, b in enumerate(batches):
-            floor = [r["floor_tok_s"] for r in pr if r["batch"] == b and r.get("floor_tok_s") and r.get("budget") is None]
-            if floor:
-                ax.hlines(max(floor), i - 0.1, i + 0.9, colors="k", linestyles="--", lw=0.8)
+        pr = [r for r in rows if r["context"] == ctx]
+        for k, name in enumerate(series):
+            hits = [(i, r) for i, b in enumerate(batches) for r in pr if r["series"] == name and r["batch"] == b]
+            if not hits:
+                continue
+            xs = [i + k * width for i, _ in hits]
+            ax.bar(xs, [r["tok_s"] for _, r in hits], width, color=colors[name], label=name)
+            ax.hlines([r["floor_tok_s"] for _, r in hits if r.get("floor_tok_s")],
+                      [x - width / 2 for x, (_, r) in zip(xs, hits) if r.get("floor_tok_s")],
+                      [x + width / 2 for x, (_, r) in zip(xs, hits) if r.get("floor_tok_s")], colors="k", lw=1.0)
         if anchor and ctx == 32768 and 4 in batches:
             ax.plot(batches.index(4) + 0.4, anchor["compiled_tok_s"], "*", color="k", ms=9,
-                    label="stock transformers (anchor)")
-        ax.set_xticks([i + 0.4 for i in range(len(batches))], [f"batch {b}" for b in batches])
-        ax.set_title(f"{_tok(ctx)} context (-- dense floor)", fontsize=9)
+                    label="stock transformers compiled (anchor)")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_title(f"{_tok(ctx)} context", fontsize=9)
         ax.set_yscale("log")
         if j == 0:
             ax.set_ylabel("tokens/s")
-    axes[0][-1].legend(fontsize=6)
-    return [_save(fig, out_dir, f"e2e-{C.gpu_slug(info)}.png")]
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 4), fontsize=7)
+    return [_save(fig, out_dir, f"e2e-{C.gpu_slug(info)}.png", bottom=0.2)]
 
 
 PLOTTERS = {"decode": plot_decode, "gate": plot_gate, "e2e": plot_e2e}

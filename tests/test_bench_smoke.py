@@ -122,3 +122,24 @@ def test_merge_and_plot(decode_json, gate_json, e2e_json, tmp_path):
     run_script("plot.py", [str(merged), str(gate_json), str(e2e_json), "--out-dir", str(tmp_path)])
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["decode-roofline-cpu.png", "decode-speedup-cpu.png", "e2e-cpu.png", "gate-share-cpu.png"]
+
+
+def test_merge_fill_adds_peer_columns(decode_json, tmp_path):
+    """--fill joins a run of other peers on the same points: columns are added, not
+    replaced, and the best dense baseline and speedups are recomputed over all of them."""
+    base = tmp_path / "base.json"
+    run_script("bench_decode.py", [*TINY, "--sparsity", "0.5,0.75", "--backends", "torch", "--peers", "none",
+                                   "--out", str(base)])
+    before = {r["sparsity"]: r for r in load(base)["rows"]}
+    assert not any("best_dense" in r for r in before.values())
+    run_script("merge.py", ["--fill", str(base), str(decode_json)])
+    for r in load(base)["rows"]:
+        assert r["seerattn_torch_ms"] == before[r["sparsity"]]["seerattn_torch_ms"], "an existing column changed"
+        assert r["sdpa_flash_ms"] > 0 and r["flex_sparse_ms"] > 0 and r["seerattn_triton_ms"] > 0
+        assert r["best_dense"] in ("sdpa_flash", "flex_dense")
+        assert r["seerattn_torch_speedup"] == r["best_dense_ms"] / _best_ms(r, "seerattn_torch")
+
+
+def _best_ms(row: dict, name: str) -> float:
+    times = [row.get(f"{name}_ms"), row.get(f"{name}_graph_ms")]
+    return min(t for t in times if t is not None)
