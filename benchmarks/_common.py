@@ -312,8 +312,9 @@ def _portable_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def env_info(device: torch.device) -> dict:
-    """GPU, driver, library versions, commit and date, for a result file's ``info``."""
+def env_info(device: torch.device, bandwidth: bool = True) -> dict:
+    """GPU, driver, library versions, commit and date, for a result file's ``info``; with
+    ``bandwidth`` also the measured copy bandwidth (a second of work on the device)."""
     device = torch.device(device)
     info: dict = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -340,7 +341,8 @@ def env_info(device: torch.device) -> dict:
         )
     else:
         info.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    info.update(copy_bandwidth(device))
+    if bandwidth:
+        info.update(copy_bandwidth(device))
     return info
 
 

@@ -274,23 +274,6 @@ def stage_profile(result: dict) -> None:
             SAVE()
 
 
-def _env() -> dict:
-    import torch
-
-    info = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-    for mod in ("triton", "tilelang"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as exc:  # noqa: BLE001
-            info[mod] = f"unavailable ({type(exc).__name__})"
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                        text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - a copy without .git
-        info["commit"] = None
-    return info
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=["all", *STAGES], default="all")
@@ -316,7 +299,11 @@ def main() -> None:
         return
     global SAVE
     data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault("env", _env())
+    import torch
+
+    import _common as C  # this script's folder is on sys.path
+
+    data.setdefault("env", C.env_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"), bandwidth=False))
     result = data.setdefault(args.stage, {})
     SAVE = lambda: path.write_text(json.dumps(data, indent=1, default=str))  # noqa: E731
     try:

@@ -16,8 +16,10 @@ Backends:
 ``tilelang``  the Hopper kernels (:mod:`seerattn_r.kernels.tilelang`); NVIDIA sm_90 with
               ``tilelang`` installed. Ops without a TileLang kernel run their Triton
               kernel under this backend (``seerattn-r info`` lists which). EXPERIMENTAL:
-              the kernel is exact on the H100 but stalled at batch 1 x 32k tokens in the
-              benchmark, so it runs only with ``SEERATTN_TILELANG_EXPERIMENTAL=1``.
+              the kernel is exact on the H100 but slower than the Triton kernel at 119
+              of the benchmark's 125 points (up to 2.6x at batch 1), and it keeps a
+              lazily allocated counter buffer that ``torch.compile``'s CUDA-graph trees
+              do not expect; it runs only with ``SEERATTN_TILELANG_EXPERIMENTAL=1``.
 ``auto``      ``triton`` on any CUDA/ROCm GPU, else ``torch`` on CPU. (``tilelang`` joins
               ``auto`` on sm_90 once it leaves the experimental state.)
 
@@ -160,8 +162,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         reason = tilelang_unavailable_reason(device)
         if reason is None and os.environ.get(TILELANG_OPT_IN, "0") != "1":
             reason = (
-                "the TileLang sparse_decode kernel is experimental (exact on H100, but it "
-                f"stalled at batch 1 x 32k in the benchmark); set {TILELANG_OPT_IN}=1 to use "
+                "the TileLang sparse_decode kernel is experimental (exact on H100, but slower "
+                f"than the triton backend in the benchmark); set {TILELANG_OPT_IN}=1 to use "
                 "it anyway, or use the triton backend"
             )
         return reason
