@@ -211,13 +211,14 @@ def shares(row: dict, name: str, block_size: int) -> str:
             continue
         row[f"{name}_gate_ms{suffix}"] = sel + upd
         row[f"{name}_gate_share{suffix}"] = (sel + upd) / (sel + upd + attn)
-        # Capped at `update`: timing noise can put update_idle above it (as on a CPU, where
-        # the torch path does the same work at every step).
-        amort = sel + (upd / block_size if idle is None else min(upd, idle + max(upd - idle, 0.0) / block_size))
+        # What a step completing a block adds over an idle one, spread over the block.
+        # Floored at 0 (so amortised <= update): timing noise can put update_idle above
+        # update (as on a CPU, where the torch path does the same work at every step).
+        completing = None if idle is None else max(upd - idle, 0.0) / block_size
+        amort = sel + (upd / block_size if idle is None else min(upd, idle + completing))
         row[f"{name}_gate_share_amortised{suffix}"] = amort / (amort + attn)
         step = t("step")
-        if step is not None and idle is not None:
-            completing = max(upd - idle, 0.0) / block_size
+        if step is not None and completing is not None:
             row[f"{name}_gate_share_step{suffix}"] = (step - attn + completing) / (step + completing)
     if f"{name}_gate_share" not in row:
         errs = [k for k in row if k.startswith(name) and k.endswith("_err")]

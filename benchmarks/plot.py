@@ -178,14 +178,20 @@ def plot_gate(data: dict, out_dir: Path) -> list[Path]:
     return [_save(fig, out_dir, f"gate-share-{C.gpu_slug(info)}.png")]
 
 
+def _e2e_order(series: str) -> tuple:
+    """Sort key of an e2e series ``"<label> <mode>"``: by mode, then dense methods before
+    sparse ones, then token budget (``seerattn-<budget>``) ascending."""
+    label, mode = series.split()
+    budget = label.rsplit("-", 1)[-1]
+    return mode, not label.startswith("dense"), int(budget) if budget.isdigit() else 0
+
+
 def plot_e2e(data: dict, out_dir: Path) -> list[Path]:
     rows = [dict(r, series=f"{r['label']} {r['mode']}") for r in data["rows"] if r.get("tok_s")]
     info = data["info"]
     contexts = sorted({r["context"] for r in rows})
-    # One colour per (method, mode) across every panel: dense first, then budgets ascending.
-    series = sorted({r["series"] for r in rows},
-                    key=lambda s: (s.split()[1], not s.startswith("dense"), int(s.split()[0].split("-")[-1])
-                                   if s.split()[0].split("-")[-1].isdigit() else 0))
+    # One colour per (method, mode) across every panel.
+    series = sorted({r["series"] for r in rows}, key=_e2e_order)
     cmap = plt.get_cmap("tab10")
     colors = {s: cmap(i % 10) for i, s in enumerate(series)}
     fig, axes = _panels(1, len(contexts), f"{info.get('gpu') or 'CPU'}: decode tokens/s, "

@@ -4,9 +4,9 @@ Meant to be run under Nsight Compute (or ``rocprof``), which times each kernel a
 reads its hardware counters; the script itself only launches. The shape is the benchmark's
 (Hq 64, Hkv 8, D 128, block 64, fp16, full ``cache_seqlens``, random ascending indices)::
 
-    ncu --clock-control none -k regex:sparse_decode --launch-skip 2 --launch-count 2 \
+    ncu --clock-control none -k regex:"sparse_decode|combine" --launch-count 16 \
         --section SpeedOfLight --section WarpStateStats --section LaunchStats \
-        python benchmarks/profile_sparse_decode.py --batch 1 --tokens 32k --sparsity 0.9
+        python benchmarks/profile_sparse_decode.py --batch 1 --tokens 32k --calls 2
 
 ``--torch-profiler`` prints each backend's kernels and their device time per call instead
 (no ncu needed): it shows how many kernels one call launches.

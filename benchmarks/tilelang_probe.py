@@ -37,7 +37,7 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = {"build": 100, "launch": 40, "check": 120, "profile": 60}
+STAGES = {"build": 100, "launch": 40, "check": 120}
 T0 = time.perf_counter()
 # Writes the stage's results so far to probe.json: a stage killed for time keeps them.
 SAVE = lambda: None  # noqa: E731 - replaced in main()
@@ -246,34 +246,6 @@ def stage_check(result: dict) -> None:
     say(f"graph replay relerr {graph_rows}; compiles after the first call: {result['compiles_after_first']}")
 
 
-def stage_profile(result: dict) -> None:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from seerattn_r import backend, ops
-
-    rows = []
-    for name, tokens, keep in (("1x8k", 8192, 13), ("1x32k", 32768, 51)):
-        q, k, v, lens, idx, _ = _case(torch.float16, 1, tokens, 64, 8, 128, 128, 64, keep)
-        for which in ("tilelang", "triton"):
-            with backend.use_backend(which):
-                for _ in range(3):
-                    ops.sparse_decode(q, k, v, lens, idx, 64)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(20):
-                        ops.sparse_decode(q, k, v, lens, idx, 64)
-                    torch.cuda.synchronize()
-            for e in prof.key_averages():
-                total = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-                if total and e.count:
-                    rows.append({"point": name, "backend": which, "kernel": e.key[:120], "calls": e.count,
-                                 "device_us_per_call": total / e.count})
-                    say(f"{name} {which}: {e.key[:80]} x{e.count} {total / e.count:.1f}us")
-            result["kernels"] = rows
-            SAVE()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=["all", *STAGES], default="all")
@@ -310,7 +282,7 @@ def main() -> None:
         if args.stage == "build":
             stage_build(result, args.every_config)
         else:
-            {"launch": stage_launch, "check": stage_check, "profile": stage_profile}[args.stage](result)
+            {"launch": stage_launch, "check": stage_check}[args.stage](result)
     finally:
         SAVE()
 
