@@ -11,7 +11,11 @@ stage that overruns is killed and recorded as such, and the next stage still run
 * ``check``: outputs and LSE against :mod:`seerattn_r.reference` over a spread of shapes
   (the benchmark points, ragged lengths, offsets, strided caches, messy indices, every
   head dim and block size, fp16 and bf16, forced split counts), repeated calls (the split
-  counter resets), CUDA-graph replay, and that no call after the first compiles.
+  counter resets), CUDA-graph replay, and that no call after the first compiles;
+* ``stress``: 300 back-to-back launches of each of a few large grids (batch 8/16 x 32k,
+  51-256 blocks per KV head), each in a fresh process killed after 40 s: a kernel that
+  deadlocks only now and then (a race between its warps) shows here as a named hang,
+  where ``check``'s few calls per shape pass.
 
 Results go to ``<out>/probe.json``. Timings are left to ``bench_decode.py``::
 
@@ -37,7 +41,11 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = {"build": 100, "launch": 40, "check": 120}
+STAGES = {"build": 100, "launch": 40, "check": 120, "stress": 200}
+# (batch, tokens, blocks per KV head) of the stress stage; each runs STRESS_REPS launches.
+STRESS_CASES = [(16, 32768, 51), (8, 32768, 51), (16, 32768, 128), (16, 32768, 256)]
+STRESS_REPS = 300
+STRESS_LIMIT = 40
 T0 = time.perf_counter()
 # Writes the stage's results so far to probe.json: a stage killed for time keeps them.
 SAVE = lambda: None  # noqa: E731 - replaced in main()
@@ -137,6 +145,7 @@ CASES = [
     ("b4-32k-50", "bf16", 4, 32768, 64, 8, 128, 128, 64, 256, False, False, False, False),
     ("b2-128k-90", "fp16", 2, 131072, 64, 8, 128, 128, 64, 205, False, False, False, False),
     ("b16-8k-50", "fp16", 16, 8192, 64, 8, 128, 128, 64, 64, False, False, False, False),
+    ("b16-32k-90", "fp16", 16, 32768, 64, 8, 128, 128, 64, 51, False, False, False, False),
     ("ragged-off-strided-messy", "fp16", 5, 3000, 32, 4, 128, 128, 64, 20, True, True, True, True),
     ("bs16-d64", "fp16", 3, 1000, 8, 2, 64, 64, 16, 30, True, True, False, True),
     ("bs32-d256-bf16", "bf16", 3, 2500, 16, 1, 256, 256, 32, 40, True, False, True, True),
@@ -246,13 +255,53 @@ def stage_check(result: dict) -> None:
     say(f"graph replay relerr {graph_rows}; compiles after the first call: {result['compiles_after_first']}")
 
 
+def stress_one(index: int) -> None:
+    """Child of the stress stage: STRESS_REPS launches of one case, a sync every 20."""
+    import torch
+
+    from seerattn_r import backend, ops
+
+    batch, tokens, keep = STRESS_CASES[index]
+    q, k, v, lens, idx, _ = _case(torch.float16, batch, tokens, 64, 8, 128, 128, 64, keep)
+    with backend.use_backend("tilelang"):
+        for rep in range(STRESS_REPS):
+            ops.sparse_decode(q, k, v, lens, idx, 64)
+            if rep % 20 == 19:
+                torch.cuda.synchronize()
+                print(f"rep {rep + 1}", flush=True)
+
+
+def stage_stress(result: dict) -> None:
+    rows = []
+    for index, case in enumerate(STRESS_CASES):
+        cmd = [sys.executable, __file__, "--stress-case", str(index), "--out", "."]
+        t = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=STRESS_LIMIT)
+            status = "ok" if done.returncode == 0 else f"rc={done.returncode}: {done.stderr.strip()[-300:]}"
+            reached = done.stdout
+        except subprocess.TimeoutExpired as exc:
+            status, reached = f"hang (killed after {STRESS_LIMIT}s)", (exc.stdout or b"").decode()
+        lines = reached.strip().splitlines()
+        rows.append({"batch": case[0], "tokens": case[1], "blocks": case[2], "status": status,
+                     "reached": lines[-1] if lines else "no sync returned",
+                     "s": round(time.perf_counter() - t, 1)})
+        result["runs"] = rows
+        SAVE()
+        say(f"stress {case}: {rows[-1]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=["all", *STAGES], default="all")
     p.add_argument("--out", type=Path, required=True, help="folder for probe.json")
     p.add_argument("--every-config", action="store_true",
                    help="build every configuration the GPU property tests can draw, not only the checked ones")
+    p.add_argument("--stress-case", type=int, help=argparse.SUPPRESS)  # the stress stage's child
     args = p.parse_args()
+    if args.stress_case is not None:
+        stress_one(args.stress_case)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "probe.json"
     if args.stage == "all":
@@ -282,7 +331,7 @@ def main() -> None:
         if args.stage == "build":
             stage_build(result, args.every_config)
         else:
-            {"launch": stage_launch, "check": stage_check}[args.stage](result)
+            {"launch": stage_launch, "check": stage_check, "stress": stage_stress}[args.stage](result)
     finally:
         SAVE()
 
