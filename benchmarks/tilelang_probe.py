@@ -280,7 +280,11 @@ def stress_one(index: int) -> None:
 def stage_stress(result: dict) -> None:
     # Compile here first (into TileLang's on-disk cache): the children's limit is for
     # launches, and a child that compiles would be killed for that.
-    _build_one(("float16", 128, 128, 64, _arch()))
+    _, _, err = _build_one(("float16", 128, 128, 64, _arch()))
+    if err:  # children would compile, fail and be reported as hangs
+        result["build_error"] = err
+        say(f"stress: the kernel does not build: {err}")
+        return
     rows = []
     for index, case in enumerate(STRESS_CASES):
         cmd = [sys.executable, __file__, "--stress-case", str(index), "--out", "."]
