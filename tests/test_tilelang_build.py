@@ -64,14 +64,29 @@ def test_lowers_to_wgmma_and_tma(cfg):
     src = lower_source(*cfg, ARCH)
     assert "wgmma" in src, "q.K / p.V should be Hopper warpgroup MMAs"
     assert "tma_load" in src, "the selected K/V tiles should be TMA loads"
-    # The shared-memory bitmap needs CUDA's generic atomicOr: a global-only `red` faults.
-    assert "atomicOr(" in src and "red.relaxed.gpu.global" not in src
-    # Once the warpgroups split (the producer gives up registers), a full-CTA barrier
-    # could wait on producer warps that never reach it: only the consumer's named
-    # barriers may follow.
+    # The shared-memory duplicate table needs CUDA's generic atomicMin: a global-only
+    # `red` faults on shared memory.
+    assert "atomicMin(" in src and "red.relaxed.gpu.global" not in src
+    # Once the warpgroups split, a full-CTA barrier would wait on producer warps that have
+    # left: only the consumer's named barriers may follow.
     split = src.index("warpgroup_reg_dealloc")
     assert "__syncthreads()" not in src[split:]
     assert "__sync_thread_partial(" in src[split:]
+    # Producer warps 1-3 leave before the loop (they issue no TMA; left in, they can fall
+    # two barrier phases behind and hang), and only the producer branch loses them.
+    producer = src[src.rindex("if (((int)threadIdx.x) < 128) {", 0, split):split]
+    assert producer.count("\n") == 1, "the exit must follow the producer branch's register hand-back"
+    after = src[split:].splitlines()[1].strip()
+    assert after.startswith("if (((int)threadIdx.x) >= 32) return;")
+    assert src.count(">= 32) return;") == 1
+
+
+def test_producer_patch_refuses_unknown_codegen():
+    pytest.importorskip("tilelang")
+    from seerattn_r.kernels.tilelang.sparse_decode import _one_producer_warp
+
+    with pytest.raises(RuntimeError, match="tilelang version"):
+        _one_producer_warp("extern \"C\" __global__ void sparse_decode_kernel_kernel() {}")
 
 
 def test_nvcc_builds_main_config(monkeypatch):

@@ -2,24 +2,42 @@
 
 One launch does everything. A CTA serves one (row ``b``, KV head ``h``, split ``s``):
 
-1. It reads the whole index row ``block_indices[b, h, :]`` into a shared-memory bitmap of
-   block ids. The bitmap is what makes the contract cheap: order does not matter,
-   duplicates set the same bit, ``-1`` and ids at or past ``ceil(len_b / block_size)``
-   are never set. Popcounts and a prefix sum over the bitmap rank the selected blocks
-   in ascending order, identically in every CTA of the row, so split ``s`` takes ranks
-   ``[N*s/S, N*(s+1)/S)`` of the ``N`` selected blocks: the work is balanced over the
-   blocks actually selected, not over the padded index array.
-2. Full blocks run through a software-pipelined loop (``T.Pipelined``, TMA loads on
-   Hopper) of two wgmma GEMMs, ``Q K^T`` and ``P V``, for the whole GQA group padded to
-   the wgmma's M of 64 rows, with an online softmax in fp32 (``exp2``, log2(e) folded
-   into the scale). Full blocks need no masking. The one block that can be partial (the
-   row's last, when ``len_b % block_size != 0``) ranks last; its owner loads it after the
-   loop with per-token guards (tokens past the row read as zeros, their scores as -inf),
-   so the cache is never read past a row's tokens.
+1. It owns the index slots ``s, s + S, s + 2S, ...`` of ``block_indices[b, h, :]`` (``S``
+   splits). The selection op packs its ids in front of the ``-1`` padding, so dealing
+   slots round-robin spreads the selected blocks evenly over the splits. A slot counts
+   when its id is in range (``0 <= id < ceil(len_b / block_size)``) and no earlier slot of
+   the row holds the same id: a shared-memory table keeps, per block id, the lowest slot
+   that names it (``atomicMin``), so every CTA of the row agrees on who reads a duplicated
+   block, in time linear in ``M`` and the row's block count. Warp 0 then lists the CTA's
+   full blocks with ballots.
+2. Those blocks run through a software-pipelined loop (``T.Pipelined``: TMA loads issued by
+   a producer warpgroup) of two wgmma GEMMs, ``Q K^T`` and ``P V``, for the whole GQA
+   group padded to the wgmma's M of 64 rows, with an online softmax in fp32 (``exp2``,
+   log2(e) folded into the scale). The row's last block, when partial and selected, is
+   the loop's last tiles and is read as the tiles that *end* at the row's last token, with
+   the tokens before the block masked out of the softmax. So no tile reads past a row's
+   tokens, and the loop has one body, no per-token guards and no second copy for the
+   partial block: the kernel's code stays small, which matters at decode, where every
+   instruction runs a handful of times and a cold instruction cache dominates. (A row
+   shorter than one tile reads TMA zero fill, or with ``cache_offsets`` the row's left
+   padding, in front of its tokens; those columns are masked like the rest, so they must
+   hold finite values, as any cache a model wrote does.)
 3. The split's normalised output and log2-sum-exp go to a fp32 workspace; the last CTA of
-   ``(b, h)`` to finish (an acquire-release counter, reset by that CTA for the next call)
-   combines the splits and writes ``out`` and ``lse``. With one split the CTA writes
-   them directly.
+   ``(b, h)`` to finish (an acq-rel counter in a per-call zeroed tensor, so nothing global
+   outlives the call and CUDA graphs capture it as a memset) combines the splits and
+   writes ``out`` and ``lse``. With one split the CTA writes them directly.
+
+ One producer warp. TileLang's warp specialisation (0.1.15) runs the producer loop on all
+four warps of the producer warpgroup, although only warp 0 issues the TMA loads: warps 1-3
+only wait on the "stage free" barriers. Nothing waits for them, so they can fall two
+barrier phases behind warp 0 (a ``try_wait`` may sleep for up to 10 ms); a parity wait
+then cannot tell the phase it wants from one two later, and they wait forever for a phase
+that never comes. On an H100 this hung about one process in three of the benchmark grid;
+cuda-gdb on a hung launch showed exactly that: warps 1-3 of one CTA in the stage-free
+wait, warp 0 and the consumer warpgroup gone. :func:`_one_producer_warp` patches the
+generated CUDA so that warps 1-3 leave right after the warpgroup's register hand-back
+(which all four must execute); the build fails loudly if TileLang's output no longer has
+the shape the patch expects.
 
 What triggers a compile (one kernel per key, cached in memory and in TileLang's on-disk
 cache, so a second process loads it): the dtype, ``D``, ``Dv``, the block size and the GPU
@@ -30,28 +48,30 @@ values: a decode loop compiles once.
 
 # No `from __future__ import annotations`: TileLang evaluates the prim_func's annotations,
 # which name the factory's local symbolic dims.
+import contextlib
 import functools
 import math
+import re
+import threading
 
 import torch
 
 # wgmma computes 64 rows per warpgroup: the GQA group is padded to that.
 _ROWS = 64
 _THREADS = 128
-# The block-id bitmap: 2048 words cover 65536 blocks (1M tokens at block size 16).
-_BITMAP_WORDS = 2048
-MAX_BLOCKS = _BITMAP_WORDS * 32
+# The duplicate table holds one int32 per block of a row: rows of more blocks take Triton.
+MAX_BLOCKS = 8192
 # A split lists at most this many selected blocks in shared memory; the host picks the
-# split count so that no split has more.
+# split count so that no split owns more slots.
 _LIST = 1024
-# Shared memory for the pipeline stages to fill (the H100/H200 limit is 227 KiB per CTA;
-# leave room for the partial-block tiles and barriers).
+_MAX_SPLITS = 64
+# Shared memory for the pipeline stages to fill (the H100/H200 limit is 227 KiB per CTA).
 _SMEM_BUDGET = 200 * 1024
 # Keep at least this many tiles per split: fewer and the pipeline never fills.
 _MIN_TILES_PER_SPLIT = 2
-_MAX_SPLITS = 64
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
+_INT_MAX = 2**31 - 1
 
 _TILELANG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -59,12 +79,14 @@ _TILELANG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 def _tiling(dim: int, dim_v: int, block_size: int) -> tuple[int, int]:
     """(tokens per tile, pipeline stages). A CTA owns its SM (warp specialisation sets
     the register split for one CTA of 256 threads), so the stages take what shared memory
-    Q, the bitmap and the block list leave: the more K/V bytes in flight, the closer to
-    the bandwidth floor."""
+    Q, the duplicate table, the block list and the combine's weights leave: the more K/V
+    bytes in flight, the closer to the bandwidth floor."""
     tile = min(block_size, 64)
     stage_bytes = tile * (dim + dim_v) * 2
-    free = _SMEM_BUDGET - _ROWS * dim * 2 - _BITMAP_WORDS * 4 - _LIST * 4 - _ROWS * _MAX_SPLITS * 4
-    return tile, max(2, min(6, free // stage_bytes))
+    free = _SMEM_BUDGET - _ROWS * dim * 2 - MAX_BLOCKS * 4 - _LIST * 4 - _ROWS * _MAX_SPLITS * 4
+    # About 128 KiB of K/V in flight keeps an SM's share of HBM busy; more stages only add
+    # barriers.
+    return tile, max(2, min(8, free // stage_bytes, 131072 // stage_bytes))
 
 
 @functools.cache
@@ -72,11 +94,61 @@ def _build(dtype: str, dim: int, dim_v: int, block_size: int, arch: str):
     """Compile the kernel for one configuration (see the module docstring for the key)."""
     import tilelang
 
-    return tilelang.compile(
-        _program(dtype, dim, dim_v, block_size),
-        target={"kind": "cuda", "arch": arch},
-        pass_configs=_pass_configs(),
-    )
+    with _one_producer_warp_codegen():
+        return tilelang.compile(
+            _program(dtype, dim, dim_v, block_size),
+            target={"kind": "cuda", "arch": arch},
+            pass_configs=_pass_configs(),
+            # Not needed by the source; it keys TileLang's on-disk cache apart from any
+            # binary of the same program built without the patch.
+            compile_flags=["-DSEERATTN_ONE_PRODUCER_WARP=1"],
+        )
+
+
+_KERNEL_NAME = "sparse_decode_kernel_kernel"
+_PRODUCER_BRANCH = re.compile(
+    r"if \(\(\(int\)threadIdx\.x\) < 128\) \{\n(\s*)tl::warpgroup_reg_dealloc<\d+>\(\);\n"
+)
+_CODEGEN_HOOK = "tilelang_callback_cuda_postproc"
+_hook_lock = threading.Lock()
+
+
+def _one_producer_warp(code: str) -> str:
+    """The kernel's CUDA source with producer warps 1-3 leaving the producer branch right
+    after its register hand-back (see the module docstring for the hang this prevents)."""
+    found = list(_PRODUCER_BRANCH.finditer(code))
+    if len(found) != 1 or "tl::tl_shuffle_elect<128>()" not in code:
+        raise RuntimeError(
+            "seerattn_r: TileLang's generated sparse_decode source no longer has the one "
+            "producer branch (threads 0-127, TMA issued by warp 0) that this module patches; "
+            "install the tilelang version in seerattn-r's [tilelang] extra"
+        )
+    end, indent = found[0].end(), found[0].group(1)
+    return code[:end] + f"{indent}if (((int)threadIdx.x) >= 32) return;  // warps 1-3 issue nothing\n" + code[end:]
+
+
+@contextlib.contextmanager
+def _one_producer_warp_codegen():
+    """Apply :func:`_one_producer_warp` to this kernel's CUDA source while inside, through
+    TileLang's codegen hook; a hook already registered still runs, and is restored after."""
+    import tvm_ffi
+
+    with _hook_lock:
+        previous = tvm_ffi.get_global_func(_CODEGEN_HOOK, allow_missing=True)
+
+        def hook(code, target):
+            if previous is not None:
+                code = previous(code, target)
+            return _one_producer_warp(code) if _KERNEL_NAME in code else code
+
+        tvm_ffi.register_global_func(_CODEGEN_HOOK, f=hook, override=True)
+        try:
+            yield
+        finally:
+            if previous is not None:
+                tvm_ffi.register_global_func(_CODEGEN_HOOK, f=previous, override=True)
+            else:
+                tvm_ffi.remove_global_func(_CODEGEN_HOOK)
 
 
 def _pass_configs() -> dict:
@@ -87,10 +159,14 @@ def _pass_configs() -> dict:
     # the pipelined loop is written to be right on either warpgroup. TileLang's automatic
     # barrier insertion is off: on this kernel it placed barriers inside branches that only
     # some threads take (or refused to build); every barrier the kernel needs is written
-    # out, a full one before the warpgroups split and a consumer-only one after.
+    # out, a full one before the warpgroups split and a consumer-only one after. Shared
+    # memory is not reused across buffers: one CTA per SM is all that 256 threads at 240
+    # registers allow anyway, so overlapping buffers would save nothing and would make
+    # every barrier above depend on which buffers the planner chose to overlap.
     return {
         tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: True,
         tilelang.PassConfigKey.TL_DISABLE_THREAD_STORAGE_SYNC: True,
+        tilelang.PassConfigKey.TL_DISABLE_SHARED_MEMORY_REUSE: True,
     }
 
 
@@ -100,7 +176,7 @@ def lower_source(dtype: str, dim: int, dim_v: int, block_size: int, arch: str) -
     import tvm
 
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
-    with tvm.transform.PassContext(config=_pass_configs()), target:
+    with _one_producer_warp_codegen(), tvm.transform.PassContext(config=_pass_configs()), target:
         func = _program(dtype, dim, dim_v, block_size)
         return tilelang.lower(func, target=target, enable_device_compile=False).kernel_source
 
@@ -121,27 +197,8 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
         # exited): a named barrier over its 128 threads, never one that waits for all 256.
         T.evaluate(T.call_extern("handle", "tl::__sync_thread_partial", 1, _THREADS))
 
-    @T.macro
-    def online_softmax(s, p, o, m_i, m_prev, alpha, l_i, rsum, scale, limit, masked: bool):
-        # s holds raw scores; `limit` is the number of valid columns when `masked`.
-        for i, j in T.Parallel(_ROWS, tile):
-            if masked:
-                s[i, j] = T.if_then_else(j < limit, s[i, j] * scale, neg_inf)
-            else:
-                s[i, j] = s[i, j] * scale
-        T.copy(m_i, m_prev)
-        T.reduce_max(s, m_i, dim=1, clear=False)
-        for i in T.Parallel(_ROWS):
-            # m_i is finite here: every tile has at least one valid column.
-            alpha[i] = T.exp2(m_prev[i] - m_i[i])
-        for i, j in T.Parallel(_ROWS, tile):
-            s[i, j] = T.exp2(s[i, j] - m_i[i])
-        T.reduce_sum(s, rsum, dim=1)
-        for i in T.Parallel(_ROWS):
-            l_i[i] = l_i[i] * alpha[i] + rsum[i]
-        T.copy(s, p)
-        for i, j in T.Parallel(_ROWS, dim_v):
-            o[i, j] *= alpha[i]
+    def ballot(pred):
+        return T.call_extern("uint32", "__ballot_sync", T.uint32(0xFFFFFFFF), pred)
 
     @T.prim_func
     def sparse_decode_kernel(
@@ -152,6 +209,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
         offsets: T.Tensor((batch,), "int32"),
         indices: T.Tensor((batch, hkv, m), "int32"),
         scale: T.float32,
+        group: T.int32,
         Out: T.Tensor((batch, hq, dim_v), dtype),
         Lse: T.Tensor((batch, hq), acc),
         Opart: T.Tensor((batch, hq, nsplit, dim_v), acc),
@@ -160,169 +218,143 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
     ):
         with T.Kernel(nsplit, hkv, batch, threads=_THREADS) as (sid, hk, b):
             tx = T.get_thread_binding()
-            bitmap = T.alloc_shared((_BITMAP_WORDS,), "uint32")
+            first_slot = T.alloc_shared((MAX_BLOCKS,), "int32")
             chosen = T.alloc_shared((_LIST,), "int32")
-            flag = T.alloc_shared((1,), "int32")
+            info = T.alloc_shared((2,), "int32")  # this split's full blocks, owns the partial one
+            flag = T.alloc_shared((1,), "int32")  # last split of (b, h): not info, which sizes the loop
             lse_row = T.alloc_shared((_ROWS,), acc)
             weight = T.alloc_shared((_ROWS * _MAX_SPLITS,), acc)  # combine: per (row, split)
             acc4 = T.alloc_local((4,), acc)
             q_s = T.alloc_shared((_ROWS, dim), dtype)
             k_s = T.alloc_shared((tile, dim), dtype)
             v_s = T.alloc_shared((tile, dim_v), dtype)
-            # The partial block's tiles: not the pipelined buffers, which the pipeline owns.
-            # Shared-memory planning overlaps them with those (disjoint lifetimes).
-            kp_s = T.alloc_shared((tile, dim), dtype)
-            vp_s = T.alloc_shared((tile, dim_v), dtype)
             s = T.alloc_fragment((_ROWS, tile), acc)
             p = T.alloc_fragment((_ROWS, tile), dtype)
             o = T.alloc_fragment((_ROWS, dim_v), acc)
             m_i = T.alloc_fragment((_ROWS,), acc)
             m_prev = T.alloc_fragment((_ROWS,), acc)
+            m_use = T.alloc_fragment((_ROWS,), acc)
             alpha = T.alloc_fragment((_ROWS,), acc)
             l_i = T.alloc_fragment((_ROWS,), acc)
             rsum = T.alloc_fragment((_ROWS,), acc)
-            run = T.alloc_var("int32", init=0)
-            rank = T.alloc_var("int32", init=0)
+            count = T.alloc_var("int32", init=0)
+            partial = T.alloc_var("uint32", init=0)
 
             off = offsets[b]
-            group = hq // hkv
+            head0 = hk * group
             # Tokens of this row inside the cache; blocks past them are out of range.
             length = T.max(T.min(seqlens[b], smax - off), 0)
             nvalid = T.ceildiv(length, block_size)
             nfull = length // block_size
-            nwords = T.ceildiv(nvalid, 32)
+            mine = T.ceildiv(T.max(m - sid, 0), nsplit)  # slots this split owns
 
             # Warp specialisation runs this setup on both warpgroups (256 threads) while the
             # code is written for 128: every step below is either idempotent when a thread
-            # past 127 repeats another's work (zeroing, atomicOr) or limited to warp 0.
-            # 1. Bitmap of the selected, in-range block ids (only the row's nwords words).
-            for i in T.serial(T.ceildiv(nwords, _THREADS)):
-                if i * _THREADS + tx < nwords:
-                    bitmap[i * _THREADS + tx] = T.uint32(0)
+            # past 127 repeats another's work (a store of the same value, atomicMin) or
+            # limited to warp 0.
+            # 1. Lowest slot naming each in-range block id.
+            for i in T.serial(T.ceildiv(nvalid, _THREADS)):
+                if i * _THREADS + tx < nvalid:
+                    first_slot[i * _THREADS + tx] = _INT_MAX
             T.sync_threads()
             for i in T.serial(T.ceildiv(m, _THREADS)):
                 if i * _THREADS + tx < m:
-                    blk = indices[b, hk, i * _THREADS + tx]
-                    if blk >= 0 and blk < nvalid:
-                        # CUDA's atomicOr: T.atomic_or emits a global-only `red` and faults on shared memory.
+                    bid = indices[b, hk, i * _THREADS + tx]
+                    if bid >= 0 and bid < nvalid:
+                        # CUDA's atomicMin: T.atomic_min emits a global-only `red` that faults on shared memory.
                         T.evaluate(
-                            T.call_extern(
-                                "uint32",
-                                "atomicOr",
-                                T.address_of(bitmap[blk >> 5]),
-                                T.shift_left(T.uint32(1), T.Cast("uint32", blk & 31)),
-                            )
+                            T.call_extern("int32", "atomicMin", T.address_of(first_slot[bid]), i * _THREADS + tx)
                         )
             T.sync_threads()
-            # The row's last block is partial and selected: it ranks last, after the full ones.
-            last_bit = T.if_then_else(
-                nfull < nvalid,
-                T.Cast("int32", (bitmap[T.max(nvalid - 1, 0) >> 5] >> T.Cast("uint32", (nvalid - 1) & 31)) & T.uint32(1)),
-                0,
-            )
-
-            # 2. Rank the selected blocks. Lane l of every warp owns a run of `per`
-            # consecutive words; a shuffle scan of the runs' popcounts gives each run its first
-            # rank and every warp the row's count (kept in registers: no shared broadcast).
-            # Warp 0 then lists this split's full blocks in ascending order. No barrier
-            # inside: at decode lengths a lane owns one or two words.
-            lane = tx % 32
-            per = T.ceildiv(nwords, 32)
-            for i in T.serial(per):
-                if lane * per + i < nwords:
-                    run += T.Cast("int32", T.popcount(bitmap[lane * per + i]))
-            rank = run
-            for d in T.unroll(5):
-                # Every lane shuffles (full mask), then a select: no branch around the shuffle.
-                up = T.shfl_up(rank, 1 << d)
-                rank += T.if_then_else(lane >= (1 << d), up, 0)
-            total = T.shfl_sync(rank, 31)  # lane 31's inclusive sum
-            rank -= run
-            # Split sid takes ranks [lo, hi); hi_full < hi when its range ends with the partial block.
-            lo = total * sid // nsplit
-            hi = total * (sid + 1) // nsplit
-            hi_full = T.min(hi, total - last_bit)
+            # 2. Warp 0 lists this split's full blocks (slots in order) and notes whether it
+            # owns the partial last block.
             if tx < 32:
-                for i in T.serial(per):
-                    w = lane * per + i
-                    if w < nwords:
-                        word = bitmap[w]
-                        if rank < hi_full and rank + T.Cast("int32", T.popcount(word)) > lo:
-                            for j in T.unroll(32):
-                                # Rank of bit j: the word's first rank plus the set bits below j.
-                                r = rank + T.Cast(
-                                    "int32", T.popcount(word & (T.shift_left(T.uint32(1), T.uint32(j)) - T.uint32(1)))
-                                )
-                                if (word >> T.uint32(j)) & T.uint32(1) == T.uint32(1) and r >= lo and r < hi_full:
-                                    chosen[r - lo] = w * 32 + j
-                        rank += T.Cast("int32", T.popcount(word))
+                below = T.shift_left(T.uint32(1), T.Cast("uint32", tx)) - T.uint32(1)
+                for c in T.serial(T.ceildiv(mine, 32)):
+                    slot = sid + (c * 32 + tx) * nsplit
+                    cand = T.if_then_else(c * 32 + tx < mine, indices[b, hk, T.min(slot, m - 1)], -1)
+                    counted = (cand >= 0) and (cand < nvalid) and (first_slot[T.max(T.min(cand, nvalid - 1), 0)] == slot)
+                    full = ballot(counted and cand < nfull)
+                    if counted and cand < nfull:
+                        chosen[count + T.Cast("int32", T.popcount(full & below))] = cand * block_size
+                    count += T.Cast("int32", T.popcount(full))
+                    partial |= ballot(counted and cand >= nfull)
+                if tx == 0:
+                    info[0] = count
+                    info[1] = T.if_then_else(partial != T.uint32(0), 1, 0)
+                    if partial != T.uint32(0):
+                        # The partial block is read as the block-sized window that ends at
+                        # the row's last token: no tile reads past the row.
+                        chosen[count] = length - block_size
+            # info and chosen are read by every thread below.
+            T.sync_threads()
             for i, d in T.Parallel(_ROWS, dim):
-                q_s[i, d] = T.if_then_else(i < group, Q[b, hk * group + i, d], 0)
+                q_s[i, d] = T.if_then_else(i < group, Q[b, head0 + i, d], 0)
             T.fill(o, 0)
             T.fill(l_i, 0)
             T.fill(m_i, neg_inf)
             T.sync_threads()
 
-            for k in T.Pipelined(T.max(hi_full - lo, 0) * sub, num_stages=stages):
-                t0 = off + chosen[k // sub] * block_size + (k % sub) * tile
-                T.copy(K[b, t0 : t0 + tile, hk, :], k_s)
+            nfull_tiles = info[0] * sub
+            ntiles = (info[0] + info[1]) * sub
+            for k in T.Pipelined(ntiles, num_stages=stages):
+                # Row-relative first token of the tile; in the partial block's window the
+                # tokens before the block are masked (and those before the row, when the row
+                # is shorter than a block).
+                t0 = chosen[k // sub] + (k % sub) * tile
+                floor = T.if_then_else(k < nfull_tiles, 0, nfull * block_size)
+                T.copy(K[b, off + t0 : off + t0 + tile, hk, :], k_s)
                 T.clear(s)
                 T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                online_softmax(s, p, o, m_i, m_prev, alpha, l_i, rsum, scale, tile, False)
-                T.copy(V[b, t0 : t0 + tile, hk, :], v_s)
+                for i, j in T.Parallel(_ROWS, tile):
+                    s[i, j] = T.if_then_else(t0 + j >= floor, s[i, j] * scale, neg_inf)
+                T.copy(m_i, m_prev)
+                T.reduce_max(s, m_i, dim=1, clear=False)
+                for i in T.Parallel(_ROWS):
+                    # m_i stays -inf through a first tile with every column masked (the
+                    # partial window's first tile, block size 128): shift by 0 then, not NaN.
+                    m_use[i] = T.if_then_else(m_i[i] == neg_inf, 0, m_i[i])
+                    alpha[i] = T.exp2(m_prev[i] - m_use[i])
+                for i, j in T.Parallel(_ROWS, tile):
+                    s[i, j] = T.exp2(s[i, j] - m_use[i])
+                T.reduce_sum(s, rsum, dim=1)
+                for i in T.Parallel(_ROWS):
+                    l_i[i] = l_i[i] * alpha[i] + rsum[i]
+                T.copy(s, p)
+                for i, j in T.Parallel(_ROWS, dim_v):
+                    o[i, j] *= alpha[i]
+                T.copy(V[b, off + t0 : off + t0 + tile, hk, :], v_s)
                 T.gemm(p, v_s, o, policy=T.GemmWarpPolicy.FullRow)
-
-            # The partial last block: rank total-1, owned by the split whose range ends there.
-            if hi_full < hi and lo < hi:
-                # Only the tiles holding a token: a tile of nothing but -inf scores would make
-                # the online softmax's exp2(m_prev - m_i) NaN.
-                for j in T.serial(T.ceildiv(length - (nvalid - 1) * block_size, tile)):
-                    first = (nvalid - 1) * block_size + j * tile
-                    # The previous tile's wgmma (block size 128: two tiles) is done on every warp.
-                    consumer_sync()
-                    for i, d in T.Parallel(tile, dim):
-                        kp_s[i, d] = T.if_then_else(first + i < length, K[b, off + first + i, hk, d], 0)
-                    for i, d in T.Parallel(tile, dim_v):
-                        vp_s[i, d] = T.if_then_else(first + i < length, V[b, off + first + i, hk, d], 0)
-                    # wgmma reads the whole tile: every warp's stores must land first.
-                    consumer_sync()
-                    T.clear(s)
-                    T.gemm(q_s, kp_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                    online_softmax(s, p, o, m_i, m_prev, alpha, l_i, rsum, scale, length - first, True)
-                    T.gemm(p, vp_s, o, policy=T.GemmWarpPolicy.FullRow)
 
             # 3. This split's normalised output and log2-sum-exp (-inf: it saw no token).
             for i, d in T.Parallel(_ROWS, dim_v):
-                o[i, d] = T.if_then_else(hi > lo, o[i, d] / l_i[i], 0)
+                o[i, d] = T.if_then_else(ntiles > 0, o[i, d] / l_i[i], 0)
             for i in T.Parallel(_ROWS):
-                m_i[i] = T.if_then_else(hi > lo, T.log2(l_i[i]) + m_i[i], neg_inf)
+                m_i[i] = T.if_then_else(ntiles > 0, T.log2(l_i[i]) + m_i[i], neg_inf)
             if nsplit == 1:
                 for i, d in T.Parallel(_ROWS, dim_v):
                     if i < group:
-                        Out[b, hk * group + i, d] = o[i, d]
+                        Out[b, head0 + i, d] = o[i, d]
                 for i in T.Parallel(_ROWS):
                     if i < group:
-                        Lse[b, hk * group + i] = m_i[i] * _LN2
+                        Lse[b, head0 + i] = m_i[i] * _LN2
             else:
                 for i, d in T.Parallel(_ROWS, dim_v):
                     if i < group:
-                        Opart[b, hk * group + i, sid, d] = o[i, d]
+                        Opart[b, head0 + i, sid, d] = o[i, d]
                 for i in T.Parallel(_ROWS):
                     if i < group:
-                        Lpart[b, hk * group + i, sid] = m_i[i]
+                        Lpart[b, head0 + i, sid] = m_i[i]
                 # Publish the partials before counting this split as done.
                 T.evaluate(T.call_extern("handle", "__threadfence"))
                 consumer_sync()
                 # Lane 0 counts; warp 0 shares the count by shuffle and every lane of it
-                # stores the same flag and reset (same values: no single-thread branch).
+                # stores the same flag (same values: no single-thread branch).
                 if tx < 32:
                     prev = T.if_then_else(
                         tx == 0, T.atomic_add(sem[b * hkv + hk], 1, memory_order="acq_rel", return_prev=True), 0
                     )
-                    done = T.shfl_sync(prev, 0)
-                    flag[0] = T.if_then_else(done == nsplit - 1, 1, 0)
-                    if done == nsplit - 1:
-                        sem[b * hkv + hk] = 0  # ready for the next launch
+                    flag[0] = T.if_then_else(T.shfl_sync(prev, 0) == nsplit - 1, 1, 0)
                 consumer_sync()
                 if flag[0] == 1:
                     # The combine reads group x splits x Dv partials from L2 on one CTA: its
@@ -332,7 +364,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                     for e in T.serial(T.ceildiv(pairs, _THREADS)):
                         if e * _THREADS + tx < pairs:
                             row = (e * _THREADS + tx) // nsplit
-                            weight[e * _THREADS + tx] = Lpart[b, hk * group + row, (e * _THREADS + tx) % nsplit]
+                            weight[e * _THREADS + tx] = Lpart[b, head0 + row, (e * _THREADS + tx) % nsplit]
                     consumer_sync()
                     if tx < group:
                         mx = T.alloc_var(acc, init=neg_inf)
@@ -343,7 +375,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                             tot += T.if_then_else(mx == neg_inf, 0, T.exp2(weight[tx * nsplit + t] - mx))
                         row_lse = T.if_then_else(mx == neg_inf, neg_inf, mx + T.log2(tot))
                         lse_row[tx] = row_lse
-                        Lse[b, hk * group + tx] = row_lse * _LN2
+                        Lse[b, head0 + tx] = row_lse * _LN2
                     consumer_sync()
                     for e in T.serial(T.ceildiv(pairs, _THREADS)):
                         if e * _THREADS + tx < pairs:
@@ -366,10 +398,10 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                                         for v in T.vectorized(4):
                                             acc4[v] += (
                                                 weight[row * nsplit + t0 * 8 + u]
-                                                * Opart[b, hk * group + row, t0 * 8 + u, col + v]
+                                                * Opart[b, head0 + row, t0 * 8 + u, col + v]
                                             )
                             for v in T.vectorized(4):
-                                Out[b, hk * group + row, col + v] = acc4[v]
+                                Out[b, head0 + row, col + v] = acc4[v]
 
     return sparse_decode_kernel
 
@@ -379,11 +411,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_splits(units: int, max_blocks: int, sub: int, num_sms: int) -> int:
+def _num_splits(units: int, slots: int, max_blocks: int, sub: int, num_sms: int) -> int:
     """Splits per (row, KV head), from shapes only (no sync): the fewest that fill the
     SMs about as evenly as any count can, with at least _MIN_TILES_PER_SPLIT tiles each,
-    and enough that no split lists more than _LIST blocks."""
-    least = max(1, math.ceil(max_blocks / _LIST))
+    and enough that no split owns more than _LIST of the ``slots`` index slots."""
+    least = max(1, math.ceil(slots / _LIST))
     most = max(least, min(_MAX_SPLITS, (max_blocks * sub) // _MIN_TILES_PER_SPLIT))
 
     def efficiency(n: int) -> float:
@@ -392,20 +424,6 @@ def _num_splits(units: int, max_blocks: int, sub: int, num_sms: int) -> int:
 
     best = max(efficiency(n) for n in range(least, most + 1))
     return next(n for n in range(least, most + 1) if efficiency(n) >= 0.9 * best)
-
-
-# Per (device, stream): the split counters, zero between launches (the last split of each
-# (row, KV head) resets its own). One buffer per stream so concurrent launches never share.
-_counters: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _counter(device: torch.device, size: int) -> torch.Tensor:
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < size:
-        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-        _counters[key] = buf
-    return buf
 
 
 # Per device: zeros read as cache_offsets when none are given (never written).
@@ -433,6 +451,8 @@ def _unsupported(q, k_cache, v_cache, block_indices, block_size) -> str | None:
         return "head dim not in (64, 128, 256)"
     if math.ceil(k_cache.shape[1] / block_size) > MAX_BLOCKS:
         return f"more than {MAX_BLOCKS} blocks per row"
+    if math.ceil(block_indices.shape[2] / _LIST) > _MAX_SPLITS:
+        return f"more than {_LIST * _MAX_SPLITS} index slots per row"
     for cache in (k_cache, v_cache):  # TMA: 16-byte aligned base and strides
         if cache.data_ptr() % 16 or any(s * cache.element_size() % 16 for s in cache.stride()[:3]):
             return "K/V cache base or strides not 16-byte aligned (TMA)"
@@ -470,8 +490,8 @@ def sparse_decode(
         no valid token gets zeros and ``-inf``.
 
     Runs the Triton kernel (same contract) instead for what this one does not cover:
-    per-query-head indices ``[B, Hq, M]``, fp32, GQA groups over 64, more than 65536
-    blocks per row, and caches whose base or strides are not 16-byte aligned (TMA).
+    per-query-head indices ``[B, Hq, M]``, fp32, GQA groups over 64, more than 8192
+    blocks per row (512k tokens at block size 64), and caches whose base or strides are not 16-byte aligned (TMA).
     Compiles once per (dtype, D, Dv, block_size, GPU arch); batch, lengths, strides,
     ``Hq``, ``Hkv``, ``M``, offsets and the split count are run-time values.
     """
@@ -492,7 +512,7 @@ def sparse_decode(
 
     tile, _ = _tiling(dim, dim_v, block_size)
     max_blocks = min(block_indices.shape[2], math.ceil(smax / block_size))
-    splits = _num_splits(batch * hkv, max_blocks, block_size // tile, _sm_count(index))
+    splits = _num_splits(batch * hkv, block_indices.shape[2], max_blocks, block_size // tile, _sm_count(index))
     out = torch.empty(batch, hq, dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(batch, hq, dtype=torch.float32, device=device)
     # The split count travels as this workspace's shape (with one split it stays unused).
@@ -507,10 +527,12 @@ def sparse_decode(
         _zeros(device, batch) if cache_offsets is None else cache_offsets.contiguous(),
         block_indices.contiguous(),
         sm_scale * _LOG2E,
+        hq // hkv,
         out,
         lse,
         o_part,
         lse_part,
-        _counter(device, batch * hkv),
+        # Zeroed per call (a memset node in a CUDA graph): the splits of (b, h) count into it.
+        torch.zeros(batch * hkv if splits > 1 else 1, dtype=torch.int32, device=device),
     )
     return out, lse
