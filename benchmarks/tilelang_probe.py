@@ -201,9 +201,9 @@ def stage_check(result: dict) -> None:
         sm = 1.0 / math.sqrt(d)
         ref_out, ref_lse = reference.sparse_decode(q.float(), k.float(), v.float(), lens, idx, bs, sm, offs)
         for splits in (None, 1, 3, 64):
-            # A forced count still respects the kernel's limit of _LIST blocks per split.
+            # A forced count still respects the kernel's limit of _LIST index slots per split.
             sd._num_splits = real_splits if splits is None else (
-                lambda units, max_blocks, sub, sms, n=splits: max(n, math.ceil(max_blocks / sd._LIST)))
+                lambda units, slots, max_blocks, sub, sms, n=splits: max(n, math.ceil(slots / sd._LIST)))
             try:
                 with backend.use_backend("tilelang"):
                     outs = [ops.sparse_decode(q, k, v, lens, idx, bs, sm, offs, return_lse=True) for _ in range(3)]
