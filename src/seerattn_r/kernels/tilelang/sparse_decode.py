@@ -24,9 +24,9 @@ One launch does everything. A CTA serves one (row ``b``, KV head ``h``, split ``
    hold finite values, as any cache a model wrote does.)
 3. The split's normalised output and log2-sum-exp go to a fp32 workspace; the last CTA of
    ``(b, h)`` to finish (an acq-rel counter, kept per stream and reset by that CTA for the
-   next launch) combines the splits: a warp per row takes the log-sum-exp over the splits
-   with shuffles, then each thread weighs 16 splits' partials for 4 columns, all 16 loads
-   in flight at once. With one split the CTA writes ``out`` and ``lse`` directly.
+   next launch) combines the splits in one pass: each thread folds 16 splits' partials
+   for 4 columns at a time with an online log-sum-exp, all 16 loads in flight at once.
+   With one split the CTA writes ``out`` and ``lse`` directly.
 
 One producer warp. TileLang's warp specialisation (0.1.15) runs the producer loop on all
 four warps of the producer warpgroup, although only warp 0 issues the TMA loads: warps 1-3
@@ -80,11 +80,11 @@ _TILELANG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 def _tiling(dim: int, dim_v: int, block_size: int) -> tuple[int, int]:
     """(tokens per tile, pipeline stages). A CTA owns its SM (warp specialisation sets
     the register split for one CTA of 256 threads), so the stages take what shared memory
-    Q, the duplicate table, the block list and the combine's weights leave: the more K/V
-    bytes in flight, the closer to the bandwidth floor."""
+    Q, the duplicate table and the block list leave: the more K/V bytes in flight, the
+    closer to the bandwidth floor."""
     tile = min(block_size, 64)
     stage_bytes = tile * (dim + dim_v) * 2
-    free = _SMEM_BUDGET - _ROWS * dim * 2 - MAX_BLOCKS * 4 - _LIST * 4 - _ROWS * _MAX_SPLITS * 4
+    free = _SMEM_BUDGET - _ROWS * dim * 2 - MAX_BLOCKS * 4 - _LIST * 4
     # About 128 KiB of K/V in flight keeps an SM's share of HBM busy; more stages only add
     # barriers.
     return tile, max(2, min(8, free // stage_bytes, 131072 // stage_bytes))
@@ -223,9 +223,9 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
             chosen = T.alloc_shared((_LIST,), "int32")
             info = T.alloc_shared((2,), "int32")  # this split's full blocks, owns the partial one
             flag = T.alloc_shared((1,), "int32")  # last split of (b, h): not info, which sizes the loop
-            weight = T.alloc_shared((_ROWS * _MAX_SPLITS,), acc)  # combine: per (row, split)
             acc4 = T.alloc_local((4,), acc)
             parts = T.alloc_local((64,), acc)  # combine: 16 splits x 4 columns
+            lses = T.alloc_local((16,), acc)  # combine: 16 splits' log2-sum-exp
             q_s = T.alloc_shared((_ROWS, dim), dtype)
             k_s = T.alloc_shared((tile, dim), dtype)
             v_s = T.alloc_shared((tile, dim_v), dtype)
@@ -367,57 +367,54 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                     T.evaluate(T.call_extern("handle", "__threadfence"))
                     if tx == 0:
                         sem[b * hkv + hk] = 0  # every split has counted: ready for the next launch
-                    # Row log-sum-exp by warp: warp w takes rows w, w + 4, ...; lane l holds
-                    # splits l and l + 32 (at most 64), so max and sum are 5 shuffles each,
-                    # and each split's weight exp2(lse_s - lse) lands in shared memory.
-                    for rr in T.serial(T.ceildiv(group, 4)):
-                        row = rr * 4 + tx // 32
-                        lane = tx % 32
-                        if row < group:
-                            lo = T.alloc_var(acc)
-                            hi = T.alloc_var(acc)
-                            mx = T.alloc_var(acc)
-                            tot = T.alloc_var(acc)
-                            lo = T.if_then_else(lane < nsplit, Lpart[b, head0 + row, T.min(lane, nsplit - 1)], neg_inf)
-                            hi = T.if_then_else(lane + 32 < nsplit, Lpart[b, head0 + row, T.min(lane + 32, nsplit - 1)], neg_inf)
-                            mx = T.max(lo, hi)
-                            for d in T.unroll(5):
-                                mx = T.max(mx, T.shfl_xor(mx, 1 << d))
-                            mx_use = T.if_then_else(mx == neg_inf, 0, mx)
-                            tot = T.exp2(lo - mx_use) + T.exp2(hi - mx_use)
-                            for d in T.unroll(5):
-                                tot += T.shfl_xor(tot, 1 << d)
-                            row_lse = T.if_then_else(mx == neg_inf, neg_inf, mx + T.log2(tot))
-                            lse_use = T.if_then_else(mx == neg_inf, 0, row_lse)
-                            if lane < nsplit:
-                                weight[row * nsplit + lane] = T.exp2(lo - lse_use)
-                            if lane + 32 < nsplit:
-                                weight[row * nsplit + lane + 32] = T.exp2(hi - lse_use)
-                            if lane == 0:
-                                Lse[b, head0 + row] = row_lse * _LN2
-                    consumer_sync()
-                    # Each thread owns 4 adjacent columns of one row and loads 16 splits'
-                    # partials before it uses any: the loads are unconditional (a split past
-                    # the last reads the last one again and weighs 0), so all 16 are in flight
-                    # at once. Guarded loads went out one L2 round trip at a time: 9 us of
-                    # the 22 us at batch 1 x 32k x 90%.
+                    # Online combine, one pass, no shared memory: each thread owns 4 adjacent
+                    # columns of one row and folds the splits in 16 at a time, rescaling what
+                    # it holds as the running max grows (the split loop's online softmax,
+                    # over whole splits). All 16 log-sum-exps and partial rows of a step are
+                    # loaded before any is used: the loads are unconditional (the index is
+                    # clamped; a split past the last is masked to weight 0), so they are in
+                    # flight together. Guarded loads went out one L2 round trip at a time:
+                    # 9 us of the 22 us in-kernel at batch 1 x 32k x 90%.
                     quads = group * (dim_v // 4)
                     for e in T.serial(T.ceildiv(quads, _THREADS)):
                         if e * _THREADS + tx < quads:
                             row = (e * _THREADS + tx) // (dim_v // 4)
                             col = (e * _THREADS + tx) % (dim_v // 4) * 4
+                            run_m = T.alloc_var(acc)
+                            run_l = T.alloc_var(acc)
+                            new_m = T.alloc_var(acc)
+                            run_m = neg_inf
+                            run_l = 0
                             for v in T.vectorized(4):
                                 acc4[v] = 0
                             for t0 in T.serial(T.ceildiv(nsplit, 16)):
                                 for u in T.unroll(16):
+                                    lses[u] = Lpart[b, head0 + row, T.min(t0 * 16 + u, nsplit - 1)]
                                     for v in T.vectorized(4):
                                         parts[u * 4 + v] = Opart[b, head0 + row, T.min(t0 * 16 + u, nsplit - 1), col + v]
                                 for u in T.unroll(16):
-                                    wt = T.if_then_else(t0 * 16 + u < nsplit, weight[row * nsplit + T.min(t0 * 16 + u, nsplit - 1)], 0)
+                                    lses[u] = T.if_then_else(t0 * 16 + u < nsplit, lses[u], neg_inf)
+                                new_m = run_m
+                                for u in T.unroll(16):
+                                    new_m = T.max(new_m, lses[u])
+                                # A row with nothing yet stays at -inf: shift by 0, not NaN.
+                                m_use = T.if_then_else(new_m == neg_inf, 0, new_m)
+                                rescale = T.exp2(run_m - m_use)
+                                run_l = run_l * rescale
+                                for v in T.vectorized(4):
+                                    acc4[v] = acc4[v] * rescale
+                                for u in T.unroll(16):
+                                    w = T.exp2(lses[u] - m_use)
+                                    run_l = run_l + w
                                     for v in T.vectorized(4):
-                                        acc4[v] += wt * parts[u * 4 + v]
+                                        acc4[v] += w * parts[u * 4 + v]
+                                run_m = new_m
                             for v in T.vectorized(4):
-                                Out[b, head0 + row, col + v] = acc4[v]
+                                Out[b, head0 + row, col + v] = T.if_then_else(run_l > 0, acc4[v] / run_l, 0)
+                            if col == 0:
+                                Lse[b, head0 + row] = T.if_then_else(
+                                    run_m == neg_inf, neg_inf, (run_m + T.log2(run_l)) * _LN2
+                                )
 
     return sparse_decode_kernel
 
@@ -551,10 +548,6 @@ def sparse_decode(
     tile, _ = _tiling(dim, dim_v, block_size)
     max_blocks = min(block_indices.shape[2], math.ceil(smax / block_size))
     splits = _num_splits(batch * hkv, block_indices.shape[2], max_blocks, block_size // tile, _sm_count(index))
-    # The combine holds one weight per (row, split) in shared memory and one split per lane
-    # of two: the plan must stay within that.
-    if not 1 <= splits <= _MAX_SPLITS:
-        raise RuntimeError(f"seerattn_r: split count {splits} outside 1..{_MAX_SPLITS}")
     out = torch.empty(batch, hq, dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(batch, hq, dtype=torch.float32, device=device)
     # The split count travels as this workspace's shape (with one split it stays unused).
