@@ -65,6 +65,8 @@ MAX_BLOCKS = 8192
 # A split lists at most this many selected blocks in shared memory; the host picks the
 # split count so that no split owns more slots.
 _LIST = 1024
+# More splits than this only add partials to combine (and index slots past _LIST * this
+# take Triton).
 _MAX_SPLITS = 64
 # Shared memory for the pipeline stages to fill (the H100/H200 limit is 227 KiB per CTA).
 _SMEM_BUDGET = 200 * 1024
