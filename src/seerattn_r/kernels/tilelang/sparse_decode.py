@@ -528,9 +528,13 @@ def sparse_decode(
 
     Runs the Triton kernel (same contract) instead for what this one does not cover:
     per-query-head indices ``[B, Hq, M]``, fp32, GQA groups over 64, more than 8192
-    blocks per row (512k tokens at block size 64), and caches whose base or strides are not 16-byte aligned (TMA).
-    Compiles once per (dtype, D, Dv, block_size, GPU arch); batch, lengths, strides,
-    ``Hq``, ``Hkv``, ``M``, offsets and the split count are run-time values.
+    blocks per row (512k tokens at block size 64), more than 65536 index slots per row,
+    and caches whose base or strides are not 16-byte aligned (TMA). A row shorter than
+    one block with ``cache_offsets`` may read its left padding with zero weight, so that
+    padding must hold finite values (as a cache a model wrote does); nothing past a row's
+    last token is read. Compiles once per (dtype, D, Dv, block_size, GPU arch); batch,
+    lengths, strides, ``Hq``, ``Hkv``, ``M``, offsets and the split count are run-time
+    values.
     """
     if _unsupported(q, k_cache, v_cache, block_indices, block_size) is not None:
         from seerattn_r.kernels.triton.sparse_decode import sparse_decode as triton_sparse_decode
