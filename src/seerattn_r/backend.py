@@ -16,10 +16,9 @@ Backends:
 ``tilelang``  the Hopper kernels (:mod:`seerattn_r.kernels.tilelang`); NVIDIA sm_90 with
               ``tilelang`` installed. Ops without a TileLang kernel run their Triton
               kernel under this backend (``seerattn-r info`` lists which). EXPERIMENTAL:
-              the kernel is exact on the H100 but slower than the Triton kernel at 119
-              of the benchmark's 125 points (up to 2.6x at batch 1), and it keeps a
-              lazily allocated counter buffer that ``torch.compile``'s CUDA-graph trees
-              do not expect; it runs only with ``SEERATTN_TILELANG_EXPERIMENTAL=1``.
+              the kernel is exact on the H100 and at the Triton kernel's speed at batch
+              16, but slower at batch 1 and 4 (up to 1.23x), so it runs only with
+              ``SEERATTN_TILELANG_EXPERIMENTAL=1``.
 ``auto``      ``triton`` on any CUDA/ROCm GPU, else ``torch`` on CPU. (``tilelang`` joins
               ``auto`` on sm_90 once it leaves the experimental state.)
 
