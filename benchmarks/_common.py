@@ -3,14 +3,36 @@ info, result files.
 
 Timing (:func:`time_eager`, :func:`time_graph`):
 
-* GPU (CUDA or ROCm): ``triton.testing.do_bench`` median (it flushes L2 by zeroing a
-  buffer larger than L2 before every timed run and times each run with device events;
-  warm-up excluded). CUDA-graph replay: the call is captured once in a
-  ``torch.cuda.CUDAGraph`` and ``graph.replay`` is timed by the same ``do_bench``, so the
-  replays are L2-flushed too. ``torch.cuda`` is also PyTorch's ROCm API (HIP graphs), so
-  nothing here is CUDA-only.
-* CPU: a host timer (``time.perf_counter`` median) and no graph; every row records which
-  timer produced it in ``row["timer"]`` (see :func:`timer_name`).
+* GPU (CUDA or ROCm): the median of per-run device-event times, in a loop equivalent to
+  ``triton.testing.do_bench``: a few flushed calls estimate the per-call time, untimed
+  calls fill the warm-up budget ``WARMUP_MS``, then timed runs fill ``rep_ms``, each run
+  preceded by an L2 flush and timed from an event recorded after the flush to one after
+  the call. The flush passes a 256 MiB buffer (allocated once per device) through L2, so
+  every timed run starts with none of its inputs in L2. Two kinds, chosen module-wide by
+  :func:`set_l2_flush` (``--l2-flush`` of every script that times on a GPU):
+
+  - ``clean`` (default): the buffer is *read* (summed into a preallocated scalar); L2 is
+    left holding clean lines, which the timed call evicts at no cost.
+  - ``dirty``: the buffer is *zeroed*, as ``do_bench`` does; L2 is left full of dirty
+    lines, and the timed call pays their write-back as it evicts them: the flush's own
+    cost, charged to the kernel. Kept so that times compare with figures measured by
+    ``do_bench``: the peers' anchors in ``benchmarks/anchors`` and the result files
+    measured before the flush was selectable.
+
+  Clean is the default because it measures the kernel from a cold L2 without that
+  write-back. On an H100, CUDA-graph replay of ``sparse_decode`` (fp16, batch 16 x 32k,
+  90% sparse, Hq 64, Hkv 8, D 128, block 64; floor 71.3 us) took 91.8 us (Triton) and
+  91.8 us (TileLang) with the dirty flush, 81.8 / 82.7 us with the clean one and
+  82.2 / 81.4 us with no flush at all (the data exceeds L2, so no flush leaves nothing
+  of use in it): the dirty flush adds about 10 us at batch 16, and 2-6 us at batch 1-4.
+
+  CUDA-graph replay: the call is captured once in a ``torch.cuda.CUDAGraph`` and
+  ``graph.replay`` is timed by the same loop, so the replays are flushed too.
+  ``torch.cuda`` is also PyTorch's ROCm API (HIP graphs, events), so nothing here is
+  CUDA-only.
+* CPU: a host timer (``time.perf_counter`` median), no flush and no graph; every row
+  records which timer (and on a GPU which flush) produced it in ``row["timer"]`` (see
+  :func:`timer_name`), and a result file's ``info["l2_flush"]`` the flush of its run.
 
 The floor of a memory-bound call is ``bytes it must read / copy bandwidth``, with the
 bandwidth *measured* on the device by :func:`copy_bandwidth` (a large device-to-device
@@ -50,20 +72,53 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # (tests/utils.py RTOL), so a benchmark row that passes is a kernel the tests would pass.
 RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-# do_bench's budgets in ms. Short, since a grid point times a dozen calls; the median
-# over >= 100 runs of a >= 10 us kernel is stable to about 1%.
+# The GPU timing loop's budgets in ms (do_bench's defaults). Short, since a grid point
+# times a dozen calls; the median over >= 100 runs of a >= 10 us kernel is stable to
+# about 1%.
 WARMUP_MS = 25
 REP_MS = 100
+
+# The L2 flush before every timed GPU run (see the module docstring): "clean" reads the
+# flush buffer, "dirty" zeroes it as do_bench does. Set by set_l2_flush (--l2-flush).
+L2_FLUSHES = ("clean", "dirty")
+L2_FLUSH = "clean"
+# do_bench's flush size: 256 MiB, five times the 50 MB L2 of an H100 or H200.
+FLUSH_BYTES = 256 * 2**20
 
 
 def on_gpu(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def set_l2_flush(kind: str) -> None:
+    """Choose the L2 flush before every timed GPU run, for every later timing in this
+    process: ``"clean"`` (read a 256 MiB buffer) or ``"dirty"`` (zero it, as
+    ``triton.testing.do_bench``)."""
+    global L2_FLUSH
+    if kind not in L2_FLUSHES:
+        raise ValueError(f"set_l2_flush(kind): kind must be one of {', '.join(L2_FLUSHES)}; got {kind!r}")
+    L2_FLUSH = kind
+
+
+def add_l2_flush_arg(p: argparse.ArgumentParser) -> None:
+    """``--l2-flush {clean,dirty}``; the script passes it to :func:`set_l2_flush`."""
+    p.add_argument(
+        "--l2-flush", choices=L2_FLUSHES, default="clean",
+        help="L2 flush before every timed GPU run: 'clean' (default) reads a 256 MiB buffer; "
+        "'dirty' zeroes it, as triton's do_bench does, and the timed call pays the write-back "
+        "of its dirty lines: use it to compare with do_bench figures (benchmarks/anchors, "
+        "result files measured before this option)",
+    )
+
+
 def timer_name(device: torch.device) -> str:
-    """What :func:`time_eager` measures with on ``device``; stored in every row."""
+    """What :func:`time_eager` measures with on ``device`` (and the L2 flush it uses on a
+    GPU); stored in every row."""
     if on_gpu(device):
-        return "do_bench median, device events, L2 flushed"
+        if L2_FLUSH == "dirty":
+            return ("device-event median, L2 flushed dirty before every run "
+                    "(256 MiB zeroed, as do_bench)")
+        return "device-event median, L2 flushed clean before every run (256 MiB read)"
     return "host perf_counter median (no GPU: no device events, no L2 flush, no CUDA graph)"
 
 
@@ -90,13 +145,68 @@ def _host_median_ms(fn: Callable[[], object], rep_ms: float, min_reps: int = 3, 
     return statistics.median(times)
 
 
+# Per device index: (flush buffer, 0-dim sink of the read flush), allocated once and
+# reused by every timing (an allocation per run would time the allocator too).
+_FLUSH_BUFFERS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _l2_flusher(device: torch.device) -> Callable[[], object]:
+    """The current flush (:data:`L2_FLUSH`) on ``device``, as a call that enqueues it on
+    the current stream."""
+    index = torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _FLUSH_BUFFERS:
+        buf = torch.zeros(FLUSH_BYTES // 4, dtype=torch.int32, device=torch.device("cuda", index))
+        sink = torch.zeros((), dtype=torch.int64, device=buf.device)
+        _FLUSH_BUFFERS[index] = (buf, sink)
+    buf, sink = _FLUSH_BUFFERS[index]
+    if L2_FLUSH == "dirty":
+        return buf.zero_
+    # An int32 sum lands in int64, the sink's dtype: no cast and no new tensor per run.
+    return functools.partial(torch.sum, buf, dim=0, out=sink)
+
+
+def _device_median_ms(fn: Callable[[], object], device: torch.device, rep_ms: float) -> float:
+    """do_bench's loop with our flush: median of per-run device-event times in ms."""
+    with torch.cuda.device(device):
+        flush = _l2_flusher(device)
+        fn()  # the first call may compile or allocate
+        torch.cuda.synchronize()
+        # Estimate a run (flush included, as do_bench does) from a few calls, to size the
+        # budgets in calls.
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            flush()
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+        n_warmup = max(1, int(WARMUP_MS / estimate_ms))
+        n_repeat = max(1, int(rep_ms / estimate_ms))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_repeat)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_repeat)]
+        for _ in range(n_warmup):
+            fn()
+        for s, e in zip(starts, ends):
+            flush()
+            # Recorded after the flush is enqueued: the event completes when the flush
+            # does, so the run's time is the call's alone.
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return float(statistics.median([s.elapsed_time(e) for s, e in zip(starts, ends)]))
+
+
 def time_eager(fn: Callable[[], object], device: torch.device, rep_ms: float = REP_MS) -> float:
-    """Median time of ``fn()`` in ms (see the module docstring for the method)."""
+    """Median time of ``fn()`` in ms (see the module docstring for the method; on a GPU
+    each timed run follows the :func:`set_l2_flush` flush)."""
     if not on_gpu(device):
         return _host_median_ms(fn, rep_ms)
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=WARMUP_MS, rep=rep_ms, return_mode="median"))
+    return _device_median_ms(fn, device, rep_ms)
 
 
 def capture_graph(fn: Callable[[], object], device: torch.device) -> torch.cuda.CUDAGraph:
@@ -203,8 +313,8 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> dict:
     """Measured copy bandwidth of ``device``: ``dst.copy_(src)`` of ``nbytes`` (default
     1 GiB on a GPU, or a quarter of free memory if smaller; 64 MiB on CPU), timed like
     any kernel; bandwidth = (bytes read + bytes written) / median time. Cached per device
-    for the process. Returns ``{"copy_GBps", "copy_bytes", "copy_ms"}``."""
-    key = str(torch.device(device))
+    and L2 flush for the process. Returns ``{"copy_GBps", "copy_bytes", "copy_ms"}``."""
+    key = f"{torch.device(device)}/{L2_FLUSH}"
     if key in _BANDWIDTH:
         return _BANDWIDTH[key]
     if nbytes is None:
@@ -313,8 +423,9 @@ def _portable_argv(argv: list[str]) -> list[str]:
 
 
 def env_info(device: torch.device, bandwidth: bool = True) -> dict:
-    """GPU, driver, library versions, commit and date, for a result file's ``info``; with
-    ``bandwidth`` also the measured copy bandwidth (a second of work on the device)."""
+    """GPU, driver, library versions, commit and date, for a result file's ``info``, and
+    the L2 flush of GPU timings (``l2_flush``; None on CPU); with ``bandwidth`` also the
+    measured copy bandwidth (a second of work on the device)."""
     device = torch.device(device)
     info: dict = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -338,9 +449,11 @@ def env_info(device: torch.device, bandwidth: bool = True) -> dict:
             driver=_driver(),
             cuda=torch.version.cuda,
             hip=torch.version.hip,
+            l2_flush=L2_FLUSH,
         )
     else:
-        info.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        info.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                    l2_flush=None)
     if bandwidth:
         info.update(copy_bandwidth(device))
     return info
@@ -406,7 +519,7 @@ def merge_results(parts: list[dict], fill: bool = False) -> dict:
 
 
 def _part_summary(info: dict) -> dict:
-    return {k: info.get(k) for k in ("date", "commit", "copy_GBps", "argv")}
+    return {k: info.get(k) for k in ("date", "commit", "copy_GBps", "l2_flush", "argv")}
 
 
 def write_results(path: Path, bench: str, info: dict, rows: list[dict], merge: bool = True) -> Path:
@@ -451,7 +564,7 @@ QUICK_GRID = {"batch": [1, 16], "tokens": [32768, 131072], "sparsity": [0.5, 0.9
 
 def add_grid_args(p: argparse.ArgumentParser) -> None:
     """The options bench_decode and bench_gate share: the grid, the shape, backends,
-    output and time limit."""
+    output, time limit and L2 flush."""
     p.add_argument("--batch", type=lambda s: parse_list(s, int), help="e.g. 1,4,16")
     p.add_argument("--tokens", type=lambda s: parse_list(s, parse_int), help="e.g. 8k,32k,128k")
     p.add_argument("--sparsity", type=lambda s: parse_list(s, float), help="e.g. 0.5,0.9")
@@ -471,10 +584,12 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redo", action="store_true", help="measure points already in --out again")
     p.add_argument("--max-seconds", type=float, help="start no point that would end past this")
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timings")
+    add_l2_flush_arg(p)
 
 
 def finish_grid_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the grid defaults (full or ``--quick``) and check the shape options."""
+    """Fill the grid defaults (full or ``--quick``), check the shape options and apply
+    ``--l2-flush`` (:func:`set_l2_flush`)."""
     grid = QUICK_GRID if args.quick else GRID
     for axis in ("batch", "tokens", "sparsity"):
         if getattr(args, axis) is None:
@@ -488,6 +603,7 @@ def finish_grid_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     for s in args.sparsity:
         if not 0.0 <= s < 1.0:
             p.error(f"--sparsity values must be in [0, 1), got {s}")
+    set_l2_flush(args.l2_flush)
     return args
 
 

@@ -18,10 +18,11 @@ replayed: seconds to set up) and ``compiled`` (``torch.compile(mode="reduce-over
 fullgraph=True)``: Inductor plus CUDA graphs, a minute or two of compile per method and
 shape). ``graph`` is skipped on CPU. ``ms_per_step`` is the mean over ``--steps`` greedy
 decode steps after warm-up, timed with device events around the whole loop (no host sync
-inside it), ``tok_s = batch / step time``. Beside each: the bandwidth floor of a step
-(``floor_ms`` = bytes of weights + the KV blocks read + the gate's compression cache, over
-the measured copy bandwidth; ``floor_tok_s``), the fraction of it reached, and the peak
-GPU memory.
+inside it, and no L2 flush: a step reads far more than L2 holds), ``tok_s = batch / step
+time``. Beside each: the bandwidth floor of a step (``floor_ms`` = bytes of weights + the
+KV blocks read + the gate's compression cache, over the measured copy bandwidth, timed
+with ``--l2-flush``'s flush as in every script; ``floor_tok_s``), the fraction of it
+reached, and the peak GPU memory.
 
 The KV cache is filled with random data rather than built by a long prefill: a 64-token
 prompt is prefilled for real (it initialises the cache and the gate state), then the
@@ -79,7 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path)
     p.add_argument("--redo", action="store_true")
     p.add_argument("--max-seconds", type=float)
+    C.add_l2_flush_arg(p)  # for the copy bandwidth behind floor_ms; the steps run unflushed
     args = p.parse_args(argv)
+    C.set_l2_flush(args.l2_flush)
     args.hq, args.hkv = (int(x) for x in args.heads.split(":"))
     args.methods = C.parse_list(args.methods, str)
     args.modes = C.parse_list(args.modes, str)

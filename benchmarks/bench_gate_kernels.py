@@ -11,10 +11,11 @@ every row at its last token as in ``bench_gate.py``): the time of
 * ``scores_topk``: ``gate_scores`` then ``select_blocks``; ``fused``: ``gate_select``;
 
 for each ``--programs-per-unit`` value of the chunk plan (the plan's knob:
-``gate_scores.PROGRAMS_PER_UNIT``). CUDA-event medians with the L2 flushed, eager and
-replayed from a CUDA graph (``_common.measure``). Each point first checks the kernels
-against ``seerattn_r.reference`` (scores relative error, identical selection, fused ==
-unfused). CPU (Triton interpreter) only for a smoke run at toy sizes.
+``gate_scores.PROGRAMS_PER_UNIT``). CUDA-event medians with the L2 flushed before every
+run (``--l2-flush``, clean by default; see ``_common``), eager and replayed from a CUDA
+graph (``_common.measure``); each row's ``timer`` names the method. Each point first
+checks the kernels against ``seerattn_r.reference`` (scores relative error, identical
+selection, fused == unfused). CPU (Triton interpreter) only for a smoke run at toy sizes.
 
     python benchmarks/bench_gate_kernels.py --out $OUT/gate_kernels.json
 """
@@ -45,8 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--programs-per-unit", default="8", help="comma-separated plan knobs to sweep")
     p.add_argument("--no-graph", action="store_true", help="eager timings only")
+    C.add_l2_flush_arg(p)
     p.add_argument("--out", type=Path, default=None, help="JSON file for the rows")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    C.set_l2_flush(args.l2_flush)
+    return args
 
 
 def point(args, batch: int, tokens: int, device: torch.device, dtype: torch.dtype, ppus: list[int]) -> list[dict]:
@@ -69,8 +73,8 @@ def point(args, batch: int, tokens: int, device: torch.device, dtype: torch.dtyp
         gs.PROGRAMS_PER_UNIT = ppu
         chunks, chunk_blocks = gs.plan_chunks(device, batch * hkv, nblk, gs.blocks_per_tile(dg))
         row = dict(batch=batch, tokens=tokens, hkv=hkv, gate_dim=dg, block_size=bs, dtype=args.dtype,
-                   sparsity=args.sparsity, token_budget=budget, blocks=nblk, programs_per_unit=ppu,
-                   chunks=chunks, chunk_blocks=chunk_blocks, programs=batch * hkv * chunks,
+                   sparsity=args.sparsity, timer=C.timer_name(device), token_budget=budget, blocks=nblk,
+                   programs_per_unit=ppu, chunks=chunks, chunk_blocks=chunk_blocks, programs=batch * hkv * chunks,
                    read_bytes=read_bytes, floor_ms=C.floor_ms(read_bytes, device))
         probs = gs.gate_scores(q, k, num, scale)
         idx = sb.select_blocks(probs, num, seqlens, bs, budget, None, True)
@@ -112,7 +116,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             C.free_memory(device)
     if args.out is not None:
         # A sweep, not a grid to resume: each run writes its own file.
-        C.write_results(args.out, "gate_kernels", C.env_info(device), results, merge=False)
+        info = C.env_info(device)
+        info["timer"] = C.timer_name(device)
+        C.write_results(args.out, "gate_kernels", info, results, merge=False)
     return results
 
 
