@@ -70,8 +70,8 @@ _LIST = 1024
 _MAX_SPLITS = 64
 # Shared memory for the pipeline stages to fill (the H100/H200 limit is 227 KiB per CTA).
 _SMEM_BUDGET = 200 * 1024
-# Keep at least this many tiles per split: fewer and the pipeline never fills.
-_MIN_TILES_PER_SPLIT = 2
+# Columns of one output row a thread combines (16 splits' worth in flight at once).
+_COLS = 8
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _INT_MAX = 2**31 - 1
@@ -223,10 +223,13 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
             tx = T.get_thread_binding()
             first_slot = T.alloc_shared((MAX_BLOCKS,), "int32")
             chosen = T.alloc_shared((_LIST,), "int32")
+            # The prologue's index slots, for warp 0's listing. Sized for both warpgroups:
+            # thread t >= 128 of the setup (see below) stores slot t, which is never read.
+            first_ids_s = T.alloc_shared((2 * _THREADS,), "int32")
             info = T.alloc_shared((2,), "int32")  # this split's full blocks, owns the partial one
             flag = T.alloc_shared((1,), "int32")  # last split of (b, h): not info, which sizes the loop
-            acc4 = T.alloc_local((4,), acc)
-            parts = T.alloc_local((64,), acc)  # combine: 16 splits x 4 columns
+            acc_c = T.alloc_local((_COLS,), acc)
+            parts = T.alloc_local((16 * _COLS,), acc)  # combine: 16 splits x _COLS columns
             lses = T.alloc_local((16,), acc)  # combine: 16 splits' log2-sum-exp
             q_s = T.alloc_shared((_ROWS, dim), dtype)
             k_s = T.alloc_shared((tile, dim), dtype)
@@ -268,6 +271,8 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                     first_slot[i * _THREADS + tx] = _INT_MAX
             T.sync_threads()
             for i in T.serial(T.ceildiv(m, _THREADS)):
+                if i == 0:
+                    first_ids_s[tx] = first_ids
                 if i * _THREADS + tx < m:
                     bid = T.if_then_else(i == 0, first_ids, indices[b, hk, i * _THREADS + tx])
                     if bid >= 0 and bid < nvalid:
@@ -282,7 +287,12 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                 below = T.shift_left(T.uint32(1), T.Cast("uint32", tx)) - T.uint32(1)
                 for c in T.serial(T.ceildiv(mine, 32)):
                     slot = sid + (c * 32 + tx) * nsplit
-                    cand = T.if_then_else(c * 32 + tx < mine, indices[b, hk, T.min(slot, m - 1)], -1)
+                    # Slots below 128 were loaded in the prologue: no second trip to memory.
+                    cand = T.if_then_else(
+                        c * 32 + tx < mine,
+                        T.if_then_else(slot < _THREADS, first_ids_s[T.min(slot, _THREADS - 1)], indices[b, hk, T.min(slot, m - 1)]),
+                        -1,
+                    )
                     counted = (cand >= 0) and (cand < nvalid) and (first_slot[T.max(T.min(cand, nvalid - 1), 0)] == slot)
                     full = ballot(counted and cand < nfull)
                     if counted and cand < nfull:
@@ -352,8 +362,10 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                 for i in T.Parallel(_ROWS):
                     if i < group:
                         Lpart[b, head0 + i, sid] = m_i[i]
-                # Publish the partials before counting this split as done.
-                T.evaluate(T.call_extern("handle", "__threadfence"))
+                # Publish the partials, then count this split as done: the count is an acq-rel
+                # atomic after a barrier over the warpgroup, so it releases every thread's
+                # partials (release is cumulative over the barrier; CUTLASS's split-K
+                # semaphore is the same pattern) and no thread needs a fence of its own.
                 consumer_sync()
                 # Lane 0 counts; warp 0 shares the count by shuffle and every lane of it
                 # stores the same flag (same values: no single-thread branch).
@@ -364,36 +376,36 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                     flag[0] = T.if_then_else(T.shfl_sync(prev, 0) == nsplit - 1, 1, 0)
                 consumer_sync()
                 if flag[0] == 1:
-                    # The combine reads group x splits x Dv partials from L2 on one CTA: its
-                    # cost is load latency, so every step issues its loads in parallel.
-                    T.evaluate(T.call_extern("handle", "__threadfence"))
+                    # The counting atomic acquired every split's partials, and the barrier
+                    # above orders it before the loads below on every thread: no fence.
                     if tx == 0:
                         sem[b * hkv + hk] = 0  # every split has counted: ready for the next launch
-                    # Online combine, one pass, no shared memory: each thread owns 4 adjacent
-                    # columns of one row and folds the splits in 16 at a time, rescaling what
-                    # it holds as the running max grows (the split loop's online softmax,
-                    # over whole splits). All 16 log-sum-exps and partial rows of a step are
+                    # Online combine, one pass, no shared memory: each thread owns _COLS
+                    # adjacent columns of one row (a group of 8 at Dv 128 is one round for
+                    # the warpgroup) and folds the splits in 16 at a time, rescaling what it
+                    # holds as the running max grows (the split loop's online softmax, over
+                    # whole splits). All 16 log-sum-exps and partial rows of a step are
                     # loaded before any is used: the loads are unconditional (the index is
                     # clamped; a split past the last is masked to weight 0), so they are in
                     # flight together. Guarded loads went out one L2 round trip at a time:
                     # 9 us of the 22 us in-kernel at batch 1 x 32k x 90%.
-                    quads = group * (dim_v // 4)
-                    for e in T.serial(T.ceildiv(quads, _THREADS)):
-                        if e * _THREADS + tx < quads:
-                            row = (e * _THREADS + tx) // (dim_v // 4)
-                            col = (e * _THREADS + tx) % (dim_v // 4) * 4
+                    pieces = group * (dim_v // _COLS)
+                    for e in T.serial(T.ceildiv(pieces, _THREADS)):
+                        if e * _THREADS + tx < pieces:
+                            row = (e * _THREADS + tx) // (dim_v // _COLS)
+                            col = (e * _THREADS + tx) % (dim_v // _COLS) * _COLS
                             run_m = T.alloc_var(acc)
                             run_l = T.alloc_var(acc)
                             new_m = T.alloc_var(acc)
                             run_m = neg_inf
                             run_l = 0
-                            for v in T.vectorized(4):
-                                acc4[v] = 0
+                            for v in T.vectorized(_COLS):
+                                acc_c[v] = 0
                             for t0 in T.serial(T.ceildiv(nsplit, 16)):
                                 for u in T.unroll(16):
                                     lses[u] = Lpart[b, head0 + row, T.min(t0 * 16 + u, nsplit - 1)]
-                                    for v in T.vectorized(4):
-                                        parts[u * 4 + v] = Opart[b, head0 + row, T.min(t0 * 16 + u, nsplit - 1), col + v]
+                                    for v in T.vectorized(_COLS):
+                                        parts[u * _COLS + v] = Opart[b, head0 + row, T.min(t0 * 16 + u, nsplit - 1), col + v]
                                 for u in T.unroll(16):
                                     lses[u] = T.if_then_else(t0 * 16 + u < nsplit, lses[u], neg_inf)
                                 new_m = run_m
@@ -403,16 +415,16 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                                 m_use = T.if_then_else(new_m == neg_inf, 0, new_m)
                                 rescale = T.exp2(run_m - m_use)
                                 run_l = run_l * rescale
-                                for v in T.vectorized(4):
-                                    acc4[v] = acc4[v] * rescale
+                                for v in T.vectorized(_COLS):
+                                    acc_c[v] = acc_c[v] * rescale
                                 for u in T.unroll(16):
                                     w = T.exp2(lses[u] - m_use)
                                     run_l = run_l + w
-                                    for v in T.vectorized(4):
-                                        acc4[v] += w * parts[u * 4 + v]
+                                    for v in T.vectorized(_COLS):
+                                        acc_c[v] += w * parts[u * _COLS + v]
                                 run_m = new_m
-                            for v in T.vectorized(4):
-                                Out[b, head0 + row, col + v] = T.if_then_else(run_l > 0, acc4[v] / run_l, 0)
+                            for v in T.vectorized(_COLS):
+                                Out[b, head0 + row, col + v] = T.if_then_else(run_l > 0, acc_c[v] / run_l, 0)
                             if col == 0:
                                 Lse[b, head0 + row] = T.if_then_else(
                                     run_m == neg_inf, neg_inf, (run_m + T.log2(run_l)) * _LN2
@@ -427,11 +439,18 @@ def _sm_count(index: int) -> int:
 
 
 def _num_splits(units: int, slots: int, max_blocks: int, sub: int, num_sms: int) -> int:
-    """Splits per (row, KV head), from shapes only (no sync): the fewest that fill the
-    SMs about as evenly as any count can, with at least _MIN_TILES_PER_SPLIT tiles each,
-    and enough that no split owns more than _LIST of the ``slots`` index slots."""
+    """Splits per (row, KV head), from shapes only (no sync), with no split owning more than
+    _LIST of the ``slots`` index slots and none past one tile each.
+
+    When the (row, KV head) units fit in one wave, as many splits as keep them in one
+    wave: every SM then pulls its share of HBM, and at batch 1 (8 units on 132 SMs) 16
+    splits beat 15 (104 vs 108 us at 128k x 50%) and 6 (13.6 vs 15.0 us at 8k x 90%; H100,
+    fp16, CUDA graph). Otherwise the fewest splits that fill the waves about as evenly as
+    any count can."""
     least = max(1, math.ceil(slots / _LIST))
-    most = max(least, min(_MAX_SPLITS, (max_blocks * sub) // _MIN_TILES_PER_SPLIT))
+    most = max(least, min(_MAX_SPLITS, max_blocks * sub))
+    if units * least <= num_sms:
+        return max(least, min(most, num_sms // units))
 
     def efficiency(n: int) -> float:
         ctas = units * n
