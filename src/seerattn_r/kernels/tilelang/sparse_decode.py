@@ -23,10 +23,10 @@ One launch does everything. A CTA serves one (row ``b``, KV head ``h``, split ``
    padding, in front of its tokens; those columns are masked like the rest, so they must
    hold finite values, as any cache a model wrote does.)
 3. The split's normalised output and log2-sum-exp go to a fp32 workspace; the last CTA of
-   ``(b, h)`` to finish (an acq-rel counter, kept per stream and reset by that CTA for the
-   next launch) combines the splits in one pass: each thread folds 16 splits' partials
-   for 4 columns at a time with an online log-sum-exp, all 16 loads in flight at once.
-   With one split the CTA writes ``out`` and ``lse`` directly.
+   ``(b, h)`` to finish (an acq-rel counter after a warpgroup barrier, kept per stream and
+   reset by that CTA for the next launch) combines the splits in one pass: each thread
+   folds 16 splits' partials for 8 columns at a time with an online log-sum-exp, all 16
+   loads in flight at once. With one split the CTA writes ``out`` and ``lse`` directly.
 
 One producer warp. TileLang's warp specialisation (0.1.15) runs the producer loop on all
 four warps of the producer warpgroup, although only warp 0 issues the TMA loads: warps 1-3
