@@ -91,3 +91,25 @@ def test_decode_steps_replay_from_cuda_graphs():
     compiled, _ = _teacher_forced(torch.compile(step, mode="reduce-overhead", fullgraph=True), prefill, position,
                                   20, tokens)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_tilelang_steps_replay_from_cuda_graphs_like_triton():
+    """The TileLang kernel inside compiled steps replayed from CUDA graphs (reduce-overhead,
+    fp16; its split counters come from the capture reservoir): the same logits as the same
+    compiled steps with the Triton kernel, fed the same tokens."""
+    from seerattn_r.backend import use_backend
+    from tests.utils import gpu_backends
+
+    if "tilelang" not in gpu_backends():
+        pytest.skip("tilelang is not available on this GPU")
+    _, prefill, step, position, _ = _setup("cuda", torch.float16)
+    runs = {}
+    for name in ("triton", "tilelang"):
+        torch._dynamo.reset()
+        with use_backend(name):
+            runs[name], tokens = _teacher_forced(torch.compile(step, mode="reduce-overhead", fullgraph=True), prefill,
+                                                 position, 20, runs.get("tokens"))
+        runs.setdefault("tokens", tokens)
+    torch.testing.assert_close(runs["tilelang"], runs["triton"], rtol=2e-2, atol=2e-2)

@@ -475,6 +475,34 @@ _reservoirs: dict[int, list] = {}
 _reservoir_lock = threading.Lock()
 
 
+def _kept_zeros(device: torch.device, size: int) -> torch.Tensor:
+    """Zeros the module keeps for the process, allocated by a thread of their own: under
+    torch.compile's CUDA graphs the warm-up runs, not only the captures, allocate from the
+    graphs' memory pool (for the whole thread, whatever the stream), and a tensor kept from
+    there is one the pool does not track: cudagraph trees then refuse to run."""
+    box: list = []
+
+    def allocate() -> None:
+        try:
+            buf = torch.zeros(size, dtype=torch.int32, device=device)
+            torch.cuda.current_stream(device).synchronize()  # zero before any launch reads it
+            box.append(buf)
+        except Exception as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box.append(exc)
+
+    worker = threading.Thread(target=allocate, name="seerattn-kept-zeros")
+    worker.start()
+    worker.join()
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+# Kept buffers that a larger one replaced: launches still in flight may use them, and their
+# memory belongs to the side stream they were allocated on, so they are never freed.
+_retired: list[torch.Tensor] = []
+
+
 def _counter(device: torch.device, size: int) -> torch.Tensor:
     if torch.cuda.is_current_stream_capturing():
         with _reservoir_lock:
@@ -487,10 +515,12 @@ def _counter(device: torch.device, size: int) -> torch.Tensor:
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
     buf = _counters.get(key)
     if buf is None or buf.numel() < size:
-        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        if buf is not None:
+            _retired.append(buf)
+        buf = _kept_zeros(device, max(size, 4096))
         _counters[key] = buf
     if device.index not in _reservoirs:
-        _reservoirs[device.index] = [torch.zeros(_RESERVOIR_INTS, dtype=torch.int32, device=device), 0]
+        _reservoirs[device.index] = [_kept_zeros(device, _RESERVOIR_INTS), 0]
     return buf
 
 
@@ -503,7 +533,9 @@ def _zeros(device: torch.device, size: int) -> torch.Tensor:
     if (buf is None or buf.numel() < size) and torch.cuda.is_current_stream_capturing():
         return torch.zeros(size, dtype=torch.int32, device=device)  # not kept: see _counter
     if buf is None or buf.numel() < size:
-        buf = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        if buf is not None:
+            _retired.append(buf)
+        buf = _kept_zeros(device, max(size, 4096))
         _zero_offsets[device.index] = buf
     return buf[:size]
 
