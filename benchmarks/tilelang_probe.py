@@ -37,7 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("SEERATTN_TILELANG_EXPERIMENTAL", "1")
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 

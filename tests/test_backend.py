@@ -52,15 +52,19 @@ def test_describe_covers_every_op():
     assert all(r[1] == "torch" for r in rows)
 
 
-def test_tilelang_needs_opt_in_and_auto_skips_it(monkeypatch):
-    """Even on a Hopper GPU with tilelang installed (faked here), the experimental kernel runs
-    only on request, and auto never picks it."""
+def test_auto_picks_tilelang_on_hopper_else_triton(monkeypatch):
+    """auto runs the TileLang kernels where they can run (a Hopper GPU with tilelang, faked
+    here) and the Triton ones on any other GPU; the ops TileLang has no kernel for still
+    run their Triton kernel."""
     import seerattn_r.kernels.tilelang as tl_kernels
 
-    monkeypatch.setattr(tl_kernels, "tilelang_unavailable_reason", lambda device: None)
     cuda = torch.device("cuda")
-    monkeypatch.delenv(backend.TILELANG_OPT_IN, raising=False)
-    assert "SEERATTN_TILELANG_EXPERIMENTAL=1" in backend.unavailable_reason("tilelang", cuda)
-    monkeypatch.setenv(backend.TILELANG_OPT_IN, "1")
-    assert backend.unavailable_reason("tilelang", cuda) is None
-    assert "tilelang" not in backend.AUTO_ORDER
+    monkeypatch.delenv("SEERATTN_BACKEND", raising=False)
+    monkeypatch.setattr(tl_kernels, "tilelang_unavailable_reason", lambda device: None)
+    assert backend.resolve_name(cuda) == "tilelang"
+    assert backend._impl_backend("sparse_decode", "tilelang") == "tilelang"
+    assert backend._impl_backend("kpool", "tilelang") == "triton"
+    monkeypatch.setattr(tl_kernels, "tilelang_unavailable_reason", lambda device: "needs sm_90, found sm_80")
+    assert backend.resolve_name(cuda) == "triton"
+    with use_backend("tilelang"), pytest.raises(ValueError, match="needs sm_90, found sm_80"):
+        backend.resolve_name(cuda)
