@@ -18,9 +18,10 @@ Backends:
               kernel under this backend (``seerattn-r info`` lists which). On the H100
               its ``sparse_decode`` is exact and at or below the Triton kernel's time at
               every batch-16 point of the benchmark grid (up to 7% faster), at most 1.09x
-              its time at batch 1 and 4, and never slower than the official SeerAttention-R
-              kernel (``benchmarks/results/tilelang_sparse_decode_h100.json``). Its first
-              call per (dtype, head dims, block size) compiles for about 15 s; TileLang's
+              its time at batch 1 and 4, and within 0.1% of the official SeerAttention-R
+              kernel or faster
+              (``benchmarks/results/tilelang_sparse_decode_h100.json``). Its first call
+              per (dtype, head dims, block size) compiles for about 15 s; TileLang's
               on-disk cache serves later processes.
 ``auto``      ``tilelang`` on sm_90 when ``tilelang`` imports, else ``triton`` on any
               CUDA/ROCm GPU, else ``torch`` on CPU.
