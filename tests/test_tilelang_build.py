@@ -100,3 +100,28 @@ def test_nvcc_builds_main_config(monkeypatch):
     kernel = _build("float16", 128, 128, 64, ARCH)
     src = kernel.get_kernel_source()
     assert "wgmma" in src and "tma_load" in src
+
+
+@pytest.mark.parametrize(
+    "units, slots, max_blocks, sub, expected",
+    [
+        (8, 51, 51, 1, 16),  # batch 1 x 8 KV heads: as many splits as fit one wave of 132 SMs
+        (8, 13, 13, 1, 13),  # ... but no more than one tile each
+        (8, 4096, 4096, 1, 16),  # long index rows: 4 splits' worth of _LIST slots fit in 16
+        (32, 51, 51, 1, 4),  # batch 4
+        (128, 51, 51, 1, 1),  # batch 16: one split, 128 CTAs
+        (8, 40000, 40000, 2, 45),  # at least 40 splits (_LIST slots each); past one wave the
+        # fewest that fill the waves within 90% of the best count (360 of 396 slots)
+        (256, 51, 51, 1, 1),  # more units than SMs: the waves rule (256 of 264 slots used)
+    ],
+)
+def test_split_count(units, slots, max_blocks, sub, expected):
+    """The split count depends on shapes only (no device sync), fills one wave of SMs when
+    the units fit in one, never gives a split more than _LIST index slots and never
+    exceeds one tile per split (132 SMs, as on an H100)."""
+    from seerattn_r.kernels.tilelang import sparse_decode as sd
+
+    n = sd._num_splits(units, slots, max_blocks, sub, 132)
+    assert n == expected
+    assert 1 <= n <= max(sd._MAX_SPLITS, -(-slots // sd._LIST))
+    assert -(-slots // n) <= sd._LIST
