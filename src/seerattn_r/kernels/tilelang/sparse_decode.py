@@ -290,7 +290,9 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                     # Slots below 128 were loaded in the prologue: no second trip to memory.
                     cand = T.if_then_else(
                         c * 32 + tx < mine,
-                        T.if_then_else(slot < _THREADS, first_ids_s[T.min(slot, _THREADS - 1)], indices[b, hk, T.min(slot, m - 1)]),
+                        T.if_then_else(
+                            slot < _THREADS, first_ids_s[T.min(slot, _THREADS - 1)], indices[b, hk, T.min(slot, m - 1)]
+                        ),
                         -1,
                     )
                     counted = (cand >= 0) and (cand < nvalid) and (first_slot[T.max(T.min(cand, nvalid - 1), 0)] == slot)
@@ -498,9 +500,20 @@ def _kept_zeros(device: torch.device, size: int) -> torch.Tensor:
     return box[0]
 
 
-# Kept buffers that a larger one replaced: launches still in flight may use them, and their
-# memory belongs to the side stream they were allocated on, so they are never freed.
+# Kept buffers that a larger one replaced: launches still in flight may use them, and the
+# allocator knows only the worker thread's stream as theirs, so they are never freed.
 _retired: list[torch.Tensor] = []
+
+
+def _kept_at_least(store: dict, key, device: torch.device, size: int) -> torch.Tensor:
+    """``store[key]``, replaced by a larger kept buffer (:func:`_kept_zeros`) when it holds
+    fewer than ``size`` elements."""
+    buf = store.get(key)
+    if buf is None or buf.numel() < size:
+        if buf is not None:
+            _retired.append(buf)
+        buf = store[key] = _kept_zeros(device, max(size, 4096))
+    return buf
 
 
 def _counter(device: torch.device, size: int) -> torch.Tensor:
@@ -512,13 +525,7 @@ def _counter(device: torch.device, size: int) -> torch.Tensor:
                 reservoir[1] += size
                 return reservoir[0][start : start + size]
         return torch.zeros(size, dtype=torch.int32, device=device)
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < size:
-        if buf is not None:
-            _retired.append(buf)
-        buf = _kept_zeros(device, max(size, 4096))
-        _counters[key] = buf
+    buf = _kept_at_least(_counters, (device.index, torch.cuda.current_stream(device).cuda_stream), device, size)
     if device.index not in _reservoirs:
         _reservoirs[device.index] = [_kept_zeros(device, _RESERVOIR_INTS), 0]
     return buf
@@ -532,12 +539,7 @@ def _zeros(device: torch.device, size: int) -> torch.Tensor:
     buf = _zero_offsets.get(device.index)
     if (buf is None or buf.numel() < size) and torch.cuda.is_current_stream_capturing():
         return torch.zeros(size, dtype=torch.int32, device=device)  # not kept: see _counter
-    if buf is None or buf.numel() < size:
-        if buf is not None:
-            _retired.append(buf)
-        buf = _kept_zeros(device, max(size, 4096))
-        _zero_offsets[device.index] = buf
-    return buf[:size]
+    return _kept_at_least(_zero_offsets, device.index, device, size)[:size]
 
 
 def _unsupported(q, k_cache, v_cache, block_indices, block_size) -> str | None:
