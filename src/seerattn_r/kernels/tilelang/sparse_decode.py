@@ -486,8 +486,12 @@ def _kept_zeros(device: torch.device, size: int) -> torch.Tensor:
 
     def allocate() -> None:
         try:
-            buf = torch.zeros(size, dtype=torch.int32, device=device)
-            torch.cuda.current_stream(device).synchronize()  # zero before any launch reads it
+            # A side stream of the worker's own, not its default (legacy) stream: legacy-stream
+            # work would order against, or break, a capture running in another thread.
+            stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(stream):
+                buf = torch.zeros(size, dtype=torch.int32, device=device)
+            stream.synchronize()  # zero before any launch reads it
             box.append(buf)
         except Exception as exc:  # noqa: BLE001 - re-raised in the calling thread
             box.append(exc)
@@ -501,7 +505,7 @@ def _kept_zeros(device: torch.device, size: int) -> torch.Tensor:
 
 
 # Kept buffers that a larger one replaced: launches still in flight may use them, and the
-# allocator knows only the worker thread's stream as theirs, so they are never freed.
+# allocator knows only the worker's side stream as theirs, so they are never freed.
 _retired: list[torch.Tensor] = []
 
 
