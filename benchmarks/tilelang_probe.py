@@ -74,25 +74,31 @@ def _build_one(cfg: tuple) -> tuple[tuple, float, str | None]:
 
 
 def stage_build(result: dict, every: bool) -> None:
+    from seerattn_r.kernels.tilelang import sparse_decode as sd
+
     arch = _arch()
-    main = ("float16", 128, 128, 64, arch)
+    main = ("float16", 128, 128, 64, 8, arch)
     say(f"compiling the benchmark configuration {main} alone")
     cfg, secs, err = _build_one(main)
     result["main_compile_s"] = secs
     say(f"  done in {secs:.1f}s err={err}")
     if every:  # what the GPU property tests can draw
         dims = [(64, 64), (64, 128), (128, 128), (128, 64), (256, 256), (256, 64), (256, 128)]
-        cfgs = [(dt, d, dv, bs, arch) for dt, (d, dv), bs in
-                itertools.product(("float16", "bfloat16"), dims, (16, 32, 64, 128))]
+        cfgs = [(dt, d, dv, bs, heads, arch) for dt, (d, dv), bs, heads in
+                itertools.product(("float16", "bfloat16"), dims, (16, 32, 64, 128), (8, 16))]
+        # Groups past 16 (wgmma N 32 and 64), at the tile shapes that differ: swap-AB
+        # (64-token tiles) and the small-block form.
+        cfgs += [(dt, d, dv, bs, heads, arch) for dt, (d, dv), bs, heads in
+                 itertools.product(("float16", "bfloat16"), [(128, 128), (256, 256)], (32, 64), (32, 64))]
     else:  # what the check stage uses
         dtypes = {"fp16": "float16", "bf16": "bfloat16"}
-        cfgs = sorted({(dtypes[c[1]], c[6], c[7], c[8], arch) for c in CASES} - {main})
+        cfgs = sorted({(dtypes[c[1]], c[6], c[7], c[8], sd._heads(c[4] // c[5]), arch) for c in CASES} - {main})
     say(f"compiling {len(cfgs)} configurations in parallel")
     built = []
     workers = max(1, min(len(cfgs), (os.cpu_count() or 2) - 1))
     with cf.ProcessPoolExecutor(workers) as pool:
         for cfg, secs, err in pool.map(_build_one, cfgs):
-            built.append({"cfg": list(cfg[:4]), "s": round(secs, 1), "err": err})
+            built.append({"cfg": list(cfg[:5]), "s": round(secs, 1), "err": err})
             if err:
                 say(f"  {cfg}: {err}")
     result["builds"] = built
@@ -153,6 +159,9 @@ CASES = [
     ("bs128-d64-dv128-bf16", "bf16", 2, 777, 16, 16, 64, 128, 128, 4, True, False, False, True),
     ("g1", "bf16", 2, 5000, 4, 4, 128, 128, 64, 30, True, True, True, True),
     ("long-list", "fp16", 1, 131072, 8, 1, 128, 128, 64, 2048, False, False, False, True),
+    ("g16-messy", "bf16", 3, 3000, 32, 2, 128, 128, 64, 25, True, True, False, True),
+    ("g64-bs32", "fp16", 2, 2000, 64, 1, 128, 128, 32, 30, True, False, False, True),
+    ("g12-bs128-d256", "fp16", 2, 4000, 24, 2, 256, 256, 128, 12, True, True, False, True),
 ]
 
 
@@ -202,7 +211,7 @@ def stage_check(result: dict) -> None:
         for splits in (None, 1, 3, 64):
             # A forced count still respects the kernel's limit of _LIST index slots per split.
             sd._num_splits = real_splits if splits is None else (
-                lambda units, slots, max_blocks, sub, sms, n=splits: max(n, math.ceil(slots / sd._LIST)))
+                lambda units, slots, max_tiles, sms, n=splits: max(n, math.ceil(slots / sd._LIST)))
             try:
                 with backend.use_backend("tilelang"):
                     outs = [ops.sparse_decode(q, k, v, lens, idx, bs, sm, offs, return_lse=True) for _ in range(3)]
@@ -279,7 +288,7 @@ def stress_one(index: int) -> None:
 def stage_stress(result: dict) -> None:
     # Compile here first (into TileLang's on-disk cache): the children's limit is for
     # launches, and a child that compiles would be killed for that.
-    _, _, err = _build_one(("float16", 128, 128, 64, _arch()))
+    _, _, err = _build_one(("float16", 128, 128, 64, 8, _arch()))
     if err:  # children would compile, fail and be reported as hangs
         result["build_error"] = err
         say(f"stress: the kernel does not build: {err}")

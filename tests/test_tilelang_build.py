@@ -26,23 +26,26 @@ DTYPES = ("float16", "bfloat16")
 DIMS = (64, 128, 256)
 BLOCK_SIZES = (16, 32, 64, 128)
 
-COVERING = [
-    ("float16", 128, 128, 64),  # the benchmark configuration
-    ("bfloat16", 128, 128, 128),  # two tiles per block
-    ("float16", 64, 64, 16),
-    ("bfloat16", 256, 256, 32),
-    ("float16", 128, 64, 32),
-    ("bfloat16", 64, 256, 16),
+HEADS = (8, 16, 32, 64)
+
+COVERING = [  # dtype, D, Dv, block size, padded GQA group (the wgmma's N)
+    ("float16", 128, 128, 64, 8),  # the benchmark configuration
+    ("bfloat16", 128, 128, 128, 16),  # two tiles per block
+    ("float16", 64, 64, 16, 8),  # blocks under 64 tokens: Q K^T with the group as M
+    ("bfloat16", 256, 256, 32, 64),
+    ("float16", 128, 64, 32, 32),
+    ("bfloat16", 64, 256, 16, 16),
+    ("float16", 256, 128, 64, 64),
 ]
 if os.environ.get("SEERATTN_TILELANG_BUILD_ALL") == "1":
-    CONFIGS = list(itertools.product(DTYPES, DIMS, DIMS, BLOCK_SIZES))
+    CONFIGS = list(itertools.product(DTYPES, DIMS, DIMS, BLOCK_SIZES, HEADS))
 else:
     CONFIGS = COVERING
 
 
 def _id(cfg) -> str:
-    dtype, dim, dim_v, block_size = cfg
-    return f"{'fp16' if dtype == 'float16' else 'bf16'}-D{dim}-Dv{dim_v}-bs{block_size}"
+    dtype, dim, dim_v, block_size, heads = cfg
+    return f"{'fp16' if dtype == 'float16' else 'bf16'}-D{dim}-Dv{dim_v}-bs{block_size}-n{heads}"
 
 
 def test_import_does_not_load_tilelang():
@@ -97,31 +100,38 @@ def test_nvcc_builds_main_config(monkeypatch):
     monkeypatch.setenv("CUDA_HOME", cuda_home)
     from seerattn_r.kernels.tilelang.sparse_decode import _build
 
-    kernel = _build("float16", 128, 128, 64, ARCH)
+    kernel = _build("float16", 128, 128, 64, 8, ARCH)
     src = kernel.get_kernel_source()
     assert "wgmma" in src and "tma_load" in src
 
 
 @pytest.mark.parametrize(
-    "units, slots, max_blocks, sub, expected",
+    "units, slots, max_tiles, expected",
     [
-        (8, 51, 51, 1, 16),  # batch 1 x 8 KV heads: as many splits as fit one wave of 132 SMs
-        (8, 13, 13, 1, 13),  # ... but no more than one tile each
-        (8, 4096, 4096, 1, 16),  # long index rows: 4 splits' worth of _LIST slots fit in 16
-        (32, 51, 51, 1, 4),  # batch 4
-        (128, 51, 51, 1, 1),  # batch 16: one split, 128 CTAs
-        (8, 40000, 40000, 2, 45),  # at least 40 splits (_LIST slots each); past one wave the
+        (8, 51, 51, 16),  # batch 1 x 8 KV heads: as many splits as fit one wave of 132 SMs
+        (8, 13, 13, 13),  # ... but no more than one tile each
+        (8, 4096, 4096, 16),  # long index rows: 4 splits' worth of _LIST slots fit in 16
+        (32, 51, 51, 4),  # batch 4
+        (128, 51, 51, 1),  # batch 16: one split, 128 CTAs
+        (8, 40000, 80000, 45),  # at least 40 splits (_LIST slots each); past one wave the
         # fewest that fill the waves within 90% of the best count (360 of 396 slots)
-        (256, 51, 51, 1, 1),  # more units than SMs: the waves rule (256 of 264 slots used)
+        (256, 51, 51, 1),  # more units than SMs: the waves rule (256 of 264 slots used)
     ],
 )
-def test_split_count(units, slots, max_blocks, sub, expected):
+def test_split_count(units, slots, max_tiles, expected):
     """The split count depends on shapes only (no device sync), fills one wave of SMs when
     the units fit in one, never gives a split more than _LIST index slots and never
     exceeds one tile per split (132 SMs, as on an H100)."""
     from seerattn_r.kernels.tilelang import sparse_decode as sd
 
-    n = sd._num_splits(units, slots, max_blocks, sub, 132)
+    n = sd._num_splits(units, slots, max_tiles, 132)
     assert n == expected
     assert 1 <= n <= max(sd._MAX_SPLITS, -(-slots // sd._LIST))
     assert -(-slots // n) <= sd._LIST
+
+
+def test_padded_group():
+    """The GQA group is padded to the wgmma N that a compile is keyed on: 8, 16, 32 or 64."""
+    from seerattn_r.kernels.tilelang import sparse_decode as sd
+
+    assert [sd._heads(g) for g in (1, 7, 8, 9, 16, 17, 33, 64)] == [8, 8, 8, 16, 16, 32, 64, 64]

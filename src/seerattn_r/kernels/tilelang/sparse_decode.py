@@ -11,9 +11,14 @@ One launch does everything. A CTA serves one (row ``b``, KV head ``h``, split ``
    block, in time linear in ``M`` and the row's block count. Warp 0 then lists the CTA's
    full blocks with ballots.
 2. Those blocks run through a software-pipelined loop (``T.Pipelined``: TMA loads issued by
-   a producer warpgroup) of two wgmma GEMMs, ``Q K^T`` and ``P V``, for the whole GQA
-   group padded to the wgmma's M of 64 rows, with an online softmax in fp32 (``exp2``,
-   log2(e) folded into the scale). The row's last block, when partial and selected, is
+   a producer warpgroup) of two wgmma GEMMs with A and B swapped: ``S^T = K Q^T`` and
+   ``O^T = V^T P^T``, so the tile's 64 tokens (and Dv) are the wgmma's M and the GQA group
+   its N, padded only to 8, 16, 32 or 64. Padding the group to M = 64 instead cost a group
+   of 8 eight times the tensor work per tile, on the critical path of every CTA. The
+   online softmax (fp32, ``exp2``, log2(e) folded into the scale) reads S from shared
+   memory in a (heads x tokens) layout of its own and writes P there for the second GEMM.
+   Blocks of 16 or 32 tokens cannot fill M, so for them ``Q K^T`` keeps the group padded to
+   M (a compile-time branch). The row's last block, when partial and selected, is
    the loop's last tiles and is read as the tiles that *end* at the row's last token, with
    the tokens before the block masked out of the softmax. So no tile reads past a row's
    tokens, and the loop has one body, no per-token guards and no second copy for the
@@ -41,10 +46,10 @@ generated CUDA so that warps 1-3 leave right after the warpgroup's register hand
 the shape the patch expects.
 
 What triggers a compile (one kernel per key, cached in memory and in TileLang's on-disk
-cache, so a second process loads it): the dtype, ``D``, ``Dv``, the block size and the GPU
-architecture. Batch size, cache length (and the caches' strides), the head counts (so the
-GQA group), the number of indices ``M``, the offsets and the split count are run-time
-values: a decode loop compiles once.
+cache, so a second process loads it): the dtype, ``D``, ``Dv``, the block size, the GQA
+group padded to 8, 16, 32 or 64, and the GPU architecture. Batch size, cache length (and
+the caches' strides), the head counts within that padding, the number of indices ``M``,
+the offsets and the split count are run-time values: a decode loop compiles once.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the prim_func's annotations,
@@ -57,8 +62,11 @@ import threading
 
 import torch
 
-# wgmma computes 64 rows per warpgroup: the GQA group is padded to that.
-_ROWS = 64
+# Swap-AB: the tile's tokens are the wgmma's M (64 rows per warpgroup) and the GQA group its
+# N, padded to a power of two from 8 (the smallest wgmma N) to 64: a group of 8 costs 8 times
+# less tensor work per tile than the group padded to M = 64.
+_TILE = 64
+_HEADS = (8, 16, 32, 64)
 _THREADS = 128
 # The duplicate table holds one int32 per block of a row: rows of more blocks take Triton.
 MAX_BLOCKS = 8192
@@ -79,27 +87,34 @@ _INT_MAX = 2**31 - 1
 _TILELANG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _tiling(dim: int, dim_v: int, block_size: int) -> tuple[int, int]:
-    """(tokens per tile, pipeline stages). A CTA owns its SM (warp specialisation sets
-    the register split for one CTA of 256 threads), so the stages take what shared memory
-    Q, the duplicate table and the block list leave: the more K/V bytes in flight, the
-    closer to the bandwidth floor."""
-    tile = min(block_size, 64)
+def _heads(group: int) -> int:
+    """The wgmma N that the GQA group is padded to."""
+    return next(n for n in _HEADS if n >= group)
+
+
+def _tiling(dim: int, dim_v: int, block_size: int, heads: int) -> tuple[int, int]:
+    """(tokens per tile, pipeline stages). A tile is one block, or a 64-token part of a
+    larger one. A CTA owns its SM (warp specialisation sets the register split for one CTA
+    of 256 threads), so the stages take what shared memory Q (the group padded to M for
+    tiles under 64 tokens), the scores, the duplicate table and the block list leave: the
+    more K/V bytes in flight, the closer to the bandwidth floor."""
+    tile = min(block_size, _TILE)
+    q_rows = heads if tile == _TILE else _TILE
     stage_bytes = tile * (dim + dim_v) * 2
-    free = _SMEM_BUDGET - _ROWS * dim * 2 - MAX_BLOCKS * 4 - _LIST * 4
+    free = _SMEM_BUDGET - q_rows * dim * 2 - heads * tile * 6 - MAX_BLOCKS * 4 - _LIST * 4
     # About 128 KiB of K/V in flight keeps an SM's share of HBM busy; more stages only add
     # barriers.
     return tile, max(2, min(8, free // stage_bytes, 131072 // stage_bytes))
 
 
 @functools.cache
-def _build(dtype: str, dim: int, dim_v: int, block_size: int, arch: str):
+def _build(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, arch: str):
     """Compile the kernel for one configuration (see the module docstring for the key)."""
     import tilelang
 
     with _one_producer_warp_codegen():
         return tilelang.compile(
-            _program(dtype, dim, dim_v, block_size),
+            _program(dtype, dim, dim_v, block_size, heads),
             target={"kind": "cuda", "arch": arch},
             pass_configs=_pass_configs(),
             # Not needed by the source; it keys TileLang's on-disk cache apart from any
@@ -173,24 +188,28 @@ def _pass_configs() -> dict:
     }
 
 
-def lower_source(dtype: str, dim: int, dim_v: int, block_size: int, arch: str) -> str:
+def lower_source(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, arch: str) -> str:
     """CUDA source of one configuration, lowered without nvcc (for the build test)."""
     import tilelang
     import tvm
 
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     with _one_producer_warp_codegen(), tvm.transform.PassContext(config=_pass_configs()), target:
-        func = _program(dtype, dim, dim_v, block_size)
+        func = _program(dtype, dim, dim_v, block_size, heads)
         return tilelang.lower(func, target=target, enable_device_compile=False).kernel_source
 
 
-def _program(dtype: str, dim: int, dim_v: int, block_size: int):
+def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int):
     """The TileLang ``prim_func`` for one configuration (also lowered by the build test)."""
     import tilelang.language as T
 
     acc = "float32"
-    tile, stages = _tiling(dim, dim_v, block_size)
+    tile, stages = _tiling(dim, dim_v, block_size, heads)
     sub = block_size // tile  # tiles per block
+    # Swap-AB needs the tile's tokens to fill the wgmma's M; a tile of 16 or 32 tokens
+    # (a block that small) computes Q K^T with the group padded to M instead.
+    swap = tile == _TILE
+    q_rows = heads if swap else _TILE
     batch, smax, hkv, hq, m, nsplit, nsem = T.dynamic("batch, smax, hkv, hq, m, nsplit, nsem")
     skb, sks, skh, svb, svs, svh = T.dynamic("skb, sks, skh, svb, svs, svh")
     neg_inf = -T.infinity(acc)
@@ -231,18 +250,24 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
             acc_c = T.alloc_local((_COLS,), acc)
             parts = T.alloc_local((16 * _COLS,), acc)  # combine: 16 splits x _COLS columns
             lses = T.alloc_local((16,), acc)  # combine: 16 splits' log2-sum-exp
-            q_s = T.alloc_shared((_ROWS, dim), dtype)
+            q_s = T.alloc_shared((q_rows, dim), dtype)
             k_s = T.alloc_shared((tile, dim), dtype)
             v_s = T.alloc_shared((tile, dim_v), dtype)
-            s = T.alloc_fragment((_ROWS, tile), acc)
-            p = T.alloc_fragment((_ROWS, tile), dtype)
-            o = T.alloc_fragment((_ROWS, dim_v), acc)
-            m_i = T.alloc_fragment((_ROWS,), acc)
-            m_prev = T.alloc_fragment((_ROWS,), acc)
-            m_use = T.alloc_fragment((_ROWS,), acc)
-            alpha = T.alloc_fragment((_ROWS,), acc)
-            l_i = T.alloc_fragment((_ROWS,), acc)
-            rsum = T.alloc_fragment((_ROWS,), acc)
+            # Swap-AB: S^T = K Q^T and O^T = V^T P^T, tokens and Dv as the wgmma's M. The
+            # softmax runs on S in its own (heads x tokens) layout, through shared memory.
+            s_qk = T.alloc_fragment((tile, heads) if swap else (_TILE, tile), acc)
+            s_sh = T.alloc_shared((heads, tile), acc)
+            s = T.alloc_fragment((heads, tile), acc)
+            p_s = T.alloc_shared((heads, tile), dtype)
+            o_t = T.alloc_fragment((dim_v, heads), acc)
+            alpha_s = T.alloc_shared((heads,), acc)  # the softmax's rescale, for O^T's threads
+            l_s = T.alloc_shared((heads,), acc)
+            m_i = T.alloc_fragment((heads,), acc)
+            m_prev = T.alloc_fragment((heads,), acc)
+            m_use = T.alloc_fragment((heads,), acc)
+            alpha = T.alloc_fragment((heads,), acc)
+            l_i = T.alloc_fragment((heads,), acc)
+            rsum = T.alloc_fragment((heads,), acc)
             count = T.alloc_var("int32", init=0)
             partial = T.alloc_var("uint32", init=0)
 
@@ -251,7 +276,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
             # The loads that need only the CTA's place go out first, together: the query
             # tile and the first 128 index slots (where a decode's selection usually fits),
             # so the prologue waits on one memory round trip instead of three in a row.
-            for i, d in T.Parallel(_ROWS, dim):
+            for i, d in T.Parallel(q_rows, dim):
                 q_s[i, d] = T.if_then_else(i < group, Q[b, head0 + i, d], 0)
             first_ids = T.alloc_var("int32")
             first_ids = T.if_then_else(tx < m, indices[b, hk, T.min(tx, m - 1)], -1)
@@ -310,7 +335,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                         chosen[count] = length - block_size
             # info and chosen (and q_s) are read by every thread below.
             T.sync_threads()
-            T.fill(o, 0)
+            T.fill(o_t, 0)
             T.fill(l_i, 0)
             T.fill(m_i, neg_inf)
 
@@ -323,45 +348,58 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int):
                 t0 = chosen[k // sub] + (k % sub) * tile
                 floor = T.if_then_else(k < nfull_tiles, 0, nfull * block_size)
                 T.copy(K[b, off + t0 : off + t0 + tile, hk, :], k_s)
-                T.clear(s)
-                T.gemm(q_s, k_s, s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-                for i, j in T.Parallel(_ROWS, tile):
-                    s[i, j] = T.if_then_else(t0 + j >= floor, s[i, j] * scale, neg_inf)
+                T.clear(s_qk)
+                if swap:
+                    T.gemm(k_s, q_s, s_qk, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    for j, i in T.Parallel(tile, heads):
+                        s_sh[i, j] = s_qk[j, i]
+                else:
+                    T.gemm(q_s, k_s, s_qk, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+                    for i, j in T.Parallel(_TILE, tile):
+                        if i < heads:
+                            s_sh[i, j] = s_qk[i, j]
+                consumer_sync()
+                for i, j in T.Parallel(heads, tile):
+                    s[i, j] = T.if_then_else(t0 + j >= floor, s_sh[i, j] * scale, neg_inf)
                 T.copy(m_i, m_prev)
                 T.reduce_max(s, m_i, dim=1, clear=False)
-                for i in T.Parallel(_ROWS):
+                for i in T.Parallel(heads):
                     # m_i stays -inf through a first tile with every column masked (the
                     # partial window's first tile, block size 128): shift by 0 then, not NaN.
                     m_use[i] = T.if_then_else(m_i[i] == neg_inf, 0, m_i[i])
                     alpha[i] = T.exp2(m_prev[i] - m_use[i])
-                for i, j in T.Parallel(_ROWS, tile):
+                for i, j in T.Parallel(heads, tile):
                     s[i, j] = T.exp2(s[i, j] - m_use[i])
                 T.reduce_sum(s, rsum, dim=1)
-                for i in T.Parallel(_ROWS):
+                for i in T.Parallel(heads):
                     l_i[i] = l_i[i] * alpha[i] + rsum[i]
-                T.copy(s, p)
-                for i, j in T.Parallel(_ROWS, dim_v):
-                    o[i, j] *= alpha[i]
+                    alpha_s[i] = alpha[i]
+                T.copy(s, p_s)
+                consumer_sync()
+                for d, i in T.Parallel(dim_v, heads):
+                    o_t[d, i] *= alpha_s[i]
                 T.copy(V[b, off + t0 : off + t0 + tile, hk, :], v_s)
-                T.gemm(p, v_s, o, policy=T.GemmWarpPolicy.FullRow)
+                T.gemm(v_s, p_s, o_t, transpose_A=True, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
             # 3. This split's normalised output and log2-sum-exp (-inf: it saw no token).
-            for i, d in T.Parallel(_ROWS, dim_v):
-                o[i, d] = T.if_then_else(ntiles > 0, o[i, d] / l_i[i], 0)
-            for i in T.Parallel(_ROWS):
+            for i in T.Parallel(heads):
+                l_s[i] = l_i[i]
                 m_i[i] = T.if_then_else(ntiles > 0, T.log2(l_i[i]) + m_i[i], neg_inf)
+            consumer_sync()
+            for d, i in T.Parallel(dim_v, heads):
+                o_t[d, i] = T.if_then_else(ntiles > 0, o_t[d, i] / l_s[i], 0)
             if nsplit == 1:
-                for i, d in T.Parallel(_ROWS, dim_v):
+                for d, i in T.Parallel(dim_v, heads):
                     if i < group:
-                        Out[b, head0 + i, d] = o[i, d]
-                for i in T.Parallel(_ROWS):
+                        Out[b, head0 + i, d] = o_t[d, i]
+                for i in T.Parallel(heads):
                     if i < group:
                         Lse[b, head0 + i] = m_i[i] * _LN2
             else:
-                for i, d in T.Parallel(_ROWS, dim_v):
+                for d, i in T.Parallel(dim_v, heads):
                     if i < group:
-                        Opart[b, head0 + i, sid, d] = o[i, d]
-                for i in T.Parallel(_ROWS):
+                        Opart[b, head0 + i, sid, d] = o_t[d, i]
+                for i in T.Parallel(heads):
                     if i < group:
                         Lpart[b, head0 + i, sid] = m_i[i]
                 # Publish the partials, then count this split as done: the count is an acq-rel
@@ -440,7 +478,7 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _num_splits(units: int, slots: int, max_blocks: int, sub: int, num_sms: int) -> int:
+def _num_splits(units: int, slots: int, max_tiles: int, num_sms: int) -> int:
     """Splits per (row, KV head), from shapes only (no sync), with no split owning more than
     _LIST of the ``slots`` index slots and none past one tile each.
 
@@ -450,7 +488,7 @@ def _num_splits(units: int, slots: int, max_blocks: int, sub: int, num_sms: int)
     fp16, CUDA graph). Otherwise the fewest splits that fill the waves about as evenly as
     any count can."""
     least = max(1, math.ceil(slots / _LIST))
-    most = max(least, min(_MAX_SPLITS, max_blocks * sub))
+    most = max(least, min(_MAX_SPLITS, max_tiles))
     if units * least <= num_sms:
         return max(least, min(most, num_sms // units))
 
@@ -553,8 +591,8 @@ def _unsupported(q, k_cache, v_cache, block_indices, block_size) -> str | None:
         return f"dtype {q.dtype}"
     if block_indices.shape[1] != hkv:
         return "per-query-head block_indices [B, Hq, M]"
-    if hq // hkv > _ROWS:
-        return f"GQA group {hq // hkv} > {_ROWS}"
+    if hq // hkv > _HEADS[-1]:
+        return f"GQA group {hq // hkv} > {_HEADS[-1]}"
     if q.shape[2] not in (64, 128, 256) or v_cache.shape[3] not in (64, 128, 256):
         return "head dim not in (64, 128, 256)"
     if math.ceil(k_cache.shape[1] / block_size) > MAX_BLOCKS:
@@ -603,9 +641,9 @@ def sparse_decode(
     and caches whose base or strides are not 16-byte aligned (TMA). A row shorter than
     one block with ``cache_offsets`` may read its left padding with zero weight, so that
     padding must hold finite values (as a cache a model wrote does); nothing past a row's
-    last token is read. Compiles once per (dtype, D, Dv, block_size, GPU arch); batch,
-    lengths, strides, ``Hq``, ``Hkv``, ``M``, offsets and the split count are run-time
-    values.
+    last token is read. Compiles once per (dtype, D, Dv, block_size, GQA group padded to
+    8/16/32/64, GPU arch); batch, lengths, strides, ``M``, offsets and the split count are
+    run-time values.
     """
     if _unsupported(q, k_cache, v_cache, block_indices, block_size) is not None:
         from seerattn_r.kernels.triton.sparse_decode import sparse_decode as triton_sparse_decode
@@ -620,11 +658,13 @@ def sparse_decode(
     device = torch.device("cuda", index)
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"sm_{major}{minor}a" if major >= 9 else f"sm_{major}{minor}"
-    kernel = _build(_TILELANG_DTYPES[q.dtype], dim, dim_v, block_size, arch)
+    heads = _heads(hq // hkv)
+    kernel = _build(_TILELANG_DTYPES[q.dtype], dim, dim_v, block_size, heads, arch)
 
-    tile, _ = _tiling(dim, dim_v, block_size)
+    tile, _ = _tiling(dim, dim_v, block_size, heads)
     max_blocks = min(block_indices.shape[2], math.ceil(smax / block_size))
-    splits = _num_splits(batch * hkv, block_indices.shape[2], max_blocks, block_size // tile, _sm_count(index))
+    max_tiles = max_blocks * (block_size // tile)
+    splits = _num_splits(batch * hkv, block_indices.shape[2], max_tiles, _sm_count(index))
     out = torch.empty(batch, hq, dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(batch, hq, dtype=torch.float32, device=device)
     # The split count travels as this workspace's shape (with one split it stays unused).
