@@ -12,6 +12,7 @@ Numerical tests of this backend run on a GPU in ``tests/test_ops.py``
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,12 @@ def test_lowers_to_wgmma_and_tma(cfg):
 
     src = lower_source(*cfg, ARCH)
     assert "wgmma" in src, "q.K / p.V should be Hopper warpgroup MMAs"
+    # Swap-AB: every wgmma is m64 with the padded group as N, except Q K^T for blocks under
+    # 64 tokens, which keeps the group as M and the block's tokens as N.
+    _, _, _, block_size, heads = cfg
+    shapes = set(re.findall(r"wgmma_ss<[^>]*?, (\d+), (\d+), 16, (?:true|false)", src))
+    qk = (64, heads) if block_size >= 64 else (64, block_size)
+    assert shapes == {tuple(map(str, qk)), ("64", str(heads))}, shapes
     assert "tma_load" in src, "the selected K/V tiles should be TMA loads"
     # The shared-memory duplicate table needs CUDA's generic atomicMin: a global-only
     # `red` faults on shared memory.
