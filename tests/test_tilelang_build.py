@@ -3,9 +3,11 @@
 Lowering (TileLang passes + CUDA codegen, no nvcc) proves a configuration is accepted and
 shows which instructions it uses; one configuration is also compiled by nvcc to a cubin.
 Lowering this kernel takes 5-30 s per configuration, so the default run lowers a covering
-set (every dtype, head dim, value head dim and block size appears at least once, with
-each tile shape of :func:`_tiling`); ``SEERATTN_TILELANG_BUILD_ALL=1`` lowers the full
-product (dtype x D x Dv x block size, 72 configurations) for a release check.
+set (every dtype, head dim, value head dim, block size and padded GQA group appears at
+least once, with each tile shape of :func:`_tiling` and both GEMM forms: swap-AB for 64-token
+tiles, the group as M for smaller blocks); ``SEERATTN_TILELANG_BUILD_ALL=1`` lowers the full
+product (dtype x D x Dv x block size x padded group, 288 configurations) for a release
+check.
 Numerical tests of this backend run on a GPU in ``tests/test_ops.py``
 (``SEERATTN_BACKEND=tilelang``).
 """
