@@ -253,8 +253,9 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int):
             q_s = T.alloc_shared((q_rows, dim), dtype)
             k_s = T.alloc_shared((tile, dim), dtype)
             v_s = T.alloc_shared((tile, dim_v), dtype)
-            # Swap-AB: S^T = K Q^T and O^T = V^T P^T, tokens and Dv as the wgmma's M. The
-            # softmax runs on S in its own (heads x tokens) layout, through shared memory.
+            # Swap-AB: S^T = K Q^T (S = Q K^T for tiles under 64 tokens) and O^T = V^T P^T,
+            # tokens and Dv as the wgmma's M. The softmax runs on S in its own (heads x
+            # tokens) layout, through shared memory.
             s_qk = T.alloc_fragment((tile, heads) if swap else (_TILE, tile), acc)
             s_sh = T.alloc_shared((heads, tile), acc)
             s = T.alloc_fragment((heads, tile), acc)
