@@ -28,6 +28,14 @@ Timing (:func:`time_eager`, :func:`time_graph`):
 
   CUDA-graph replay: the call is captured once in a ``torch.cuda.CUDAGraph`` and
   ``graph.replay`` is timed by the same loop, so the replays are flushed too.
+
+  Both loops time one launch between two events, and that carries a fixed cost of its
+  own: on an H100 a one-element ``add_`` measures 4.2 us eager and 4.5 us as a graph
+  replay. A decode step captured as one graph pays it once, not per kernel, so
+  :func:`time_in_graph` (``--graph-calls N``) also measures a call as one node among many:
+  a graph of ``N`` x (flush, call) against a graph of the ``N`` flushes alone, replayed in
+  alternation; the median over pairs of the difference, over ``N``, is the call's time
+  plus the one dependent-node gap it adds to a graph.
   ``torch.cuda`` is also PyTorch's ROCm API (HIP graphs, events), so nothing here is
   CUDA-only.
 * CPU: a host timer (``time.perf_counter`` median), no flush and no graph; every row
@@ -84,6 +92,8 @@ L2_FLUSHES = ("clean", "dirty")
 L2_FLUSH = "clean"
 # do_bench's flush size: 256 MiB, five times the 50 MB L2 of an H100 or H200.
 FLUSH_BYTES = 256 * 2**20
+# Calls per graph of time_in_graph; 0 skips it. Set by set_graph_calls (--graph-calls).
+GRAPH_CALLS = 0
 
 
 def on_gpu(device: torch.device) -> bool:
@@ -98,6 +108,15 @@ def set_l2_flush(kind: str) -> None:
     if kind not in L2_FLUSHES:
         raise ValueError(f"set_l2_flush(kind): kind must be one of {', '.join(L2_FLUSHES)}; got {kind!r}")
     L2_FLUSH = kind
+
+
+def set_graph_calls(calls: int) -> None:
+    """Time every later :func:`measure` also with :func:`time_in_graph` over ``calls``
+    calls per graph (0: do not)."""
+    global GRAPH_CALLS
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+        raise ValueError(f"set_graph_calls(calls): calls must be an int >= 0; got {calls!r}")
+    GRAPH_CALLS = calls
 
 
 def add_l2_flush_arg(p: argparse.ArgumentParser) -> None:
@@ -238,6 +257,59 @@ def time_graph(fn: Callable[[], object], device: torch.device, rep_ms: float = R
         free_memory(device)
 
 
+def time_in_graph(fn: Callable[[], object], device: torch.device, calls: int,
+                  rep_ms: float = REP_MS) -> float | None:
+    """Per-call time in ms of ``fn()`` as a node of a larger CUDA graph, L2 flushed before
+    every call; None on CPU.
+
+    One graph captures ``calls`` x (flush, ``fn()``), another the ``calls`` flushes alone.
+    Their replays alternate, each between device events, and the result is the median
+    over pairs of (first - second) / ``calls``: the call's time plus the gap of one
+    dependent node, without the launch and event overhead that :func:`time_graph` charges
+    to every replay (see the module docstring)."""
+    if not on_gpu(device):
+        return None
+    if calls < 1:
+        raise ValueError(f"time_in_graph(calls): calls must be >= 1; got {calls}")
+    flush = _l2_flusher(device)
+
+    def flushed_calls():
+        for _ in range(calls):
+            flush()
+            fn()
+
+    def flushes():
+        for _ in range(calls):
+            flush()
+
+    with torch.cuda.device(device):
+        both = capture_graph(flushed_calls, device)
+        alone = capture_graph(flushes, device)
+        try:
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
+            both.replay()
+            marks[1].record()
+            alone.replay()
+            marks[2].record()
+            torch.cuda.synchronize()
+            pair_ms = max(marks[0].elapsed_time(marks[2]), 1e-3)
+            pairs = max(10, int(rep_ms / pair_ms))
+            marks = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(pairs)]
+            for first, middle, last in marks:
+                first.record()
+                both.replay()
+                middle.record()
+                alone.replay()
+                last.record()
+            torch.cuda.synchronize()
+            diffs = [(a.elapsed_time(b) - b.elapsed_time(c)) / calls for a, b, c in marks]
+            return float(statistics.median(diffs))
+        finally:
+            del both, alone
+            free_memory(device)
+
+
 def pick_backends(spec: str, device: torch.device) -> dict[str, str | None]:
     """The seerattn backends to measure: name -> None if it runs on ``device``, else why
     not. ``spec`` is a comma-separated list or ``auto``: every backend that runs on the
@@ -256,8 +328,10 @@ def pick_backends(spec: str, device: torch.device) -> dict[str, str | None]:
 
 
 def measure(row: dict, name: str, fn, device: torch.device, graph: bool) -> None:
-    """Time ``fn`` eager and (on a GPU) replayed from a CUDA graph into ``row``; a failure
-    becomes ``<name>_err`` / ``<name>_graph_err``."""
+    """Time ``fn`` eager and (on a GPU) replayed from a CUDA graph into ``row``, and with
+    :data:`GRAPH_CALLS` set as a node among many (``<name>_ingraph_ms``, see
+    :func:`time_in_graph`); a failure becomes ``<name>_err`` / ``<name>_graph_err`` /
+    ``<name>_ingraph_err``."""
     try:
         row[f"{name}_ms"] = time_eager(fn, device)
     except Exception as exc:  # noqa: BLE001 - any failure of a contender is data
@@ -270,6 +344,12 @@ def measure(row: dict, name: str, fn, device: torch.device, graph: bool) -> None
         except Exception as exc:  # noqa: BLE001
             row[f"{name}_graph_err"] = short_error(exc)
             free_memory(device)
+        if GRAPH_CALLS:
+            try:
+                row[f"{name}_ingraph_ms"] = time_in_graph(fn, device, GRAPH_CALLS)
+            except Exception as exc:  # noqa: BLE001
+                row[f"{name}_ingraph_err"] = short_error(exc)
+                free_memory(device)
 
 
 def best_ms(row: dict, name: str) -> float | None:
@@ -450,6 +530,7 @@ def env_info(device: torch.device, bandwidth: bool = True) -> dict:
             cuda=torch.version.cuda,
             hip=torch.version.hip,
             l2_flush=L2_FLUSH,
+            graph_calls=GRAPH_CALLS,
         )
     else:
         info.update(gpu=None, cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
@@ -584,6 +665,11 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redo", action="store_true", help="measure points already in --out again")
     p.add_argument("--max-seconds", type=float, help="start no point that would end past this")
     p.add_argument("--no-graph", action="store_true", help="skip CUDA-graph replay timings")
+    p.add_argument(
+        "--graph-calls", type=int, default=0, metavar="N",
+        help="also time every call as one node of a graph of N flushed calls "
+        "(<name>_ingraph_ms: without the per-launch overhead a one-call replay pays); 0 (default) skips it",
+    )
     add_l2_flush_arg(p)
 
 
@@ -603,7 +689,10 @@ def finish_grid_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     for s in args.sparsity:
         if not 0.0 <= s < 1.0:
             p.error(f"--sparsity values must be in [0, 1), got {s}")
+    if args.graph_calls < 0:
+        p.error(f"--graph-calls must be >= 0, got {args.graph_calls}")
     set_l2_flush(args.l2_flush)
+    set_graph_calls(args.graph_calls if not args.no_graph else 0)
     return args
 
 

@@ -24,6 +24,9 @@ Per point:
   bandwidth) and ``floor_dense_ms`` (the whole K and V);
 * every timing eager (``<name>_ms``) and replayed from a CUDA graph
   (``<name>_graph_ms``); ``<name>_floor_frac`` = floor / best of the two;
+  with ``--graph-calls N`` also as one node of a graph of ``N`` flushed calls
+  (``<name>_ingraph_ms``, without the fixed launch cost a one-call replay pays; see
+  ``_common.time_in_graph``) and ``<seerattn>_ingraph_floor_frac``;
   ``best_dense_ms``/``best_dense`` and ``<seerattn>_speedup`` over it;
   ``<seerattn>_vs_flex_sparse``.
 
@@ -311,9 +314,13 @@ def summarise(row: dict, backends: dict) -> str:
         if flex_sparse is not None:
             row[f"{key}_vs_flex_sparse"] = flex_sparse / b
         ok = {True: "", False: " WRONG"}.get(row.get(f"{key}_ok"), " unchecked")
+        in_graph = ""
+        if row.get(f"{key}_ingraph_ms") is not None:
+            row[f"{key}_ingraph_floor_frac"] = row["floor_sparse_ms"] / row[f"{key}_ingraph_ms"]
+            in_graph = f" (in graph {row[f'{key}_ingraph_ms'] * 1e3:.1f}us {row[f'{key}_ingraph_floor_frac']:.0%}fl)"
         parts.append(
             f"{name} {b * 1e3:.1f}us {row[f'{key}_floor_frac']:.0%}fl"
-            + (f" x{row[f'{key}_speedup']:.2f}" if f"{key}_speedup" in row else "") + ok
+            + (f" x{row[f'{key}_speedup']:.2f}" if f"{key}_speedup" in row else "") + in_graph + ok
         )
     if "best_dense_ms" in row:
         parts.append(f"dense {row['best_dense']} {row['best_dense_ms'] * 1e3:.1f}us")

@@ -16,7 +16,10 @@ can approach in practice.
 
 Rows: ``gather_graph_ms`` with ``gather_floor_frac`` (copy floor / gather time), beside
 ``sparse_decode`` of the backends named by ``--backends`` timed in the same process
-(``<backend>_graph_ms``, ``<backend>_vs_gather``).
+(``<backend>_graph_ms``, ``<backend>_vs_gather``). With ``--graph-calls N`` each is also
+timed as one node of a graph of ``N`` flushed calls (``*_ingraph_ms``,
+``gather_ingraph_floor_frac``, ``<backend>_vs_gather_ingraph``; see
+``_common.time_in_graph``).
 """
 
 from __future__ import annotations
@@ -81,9 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--backends", default="triton,tilelang", help="sparse_decode backends timed beside the gather")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--graph-calls", type=int, default=0, metavar="N",
+                   help="also time each call as one node of a graph of N flushed calls; 0 (default) skips it")
     C.add_l2_flush_arg(p)
     args = p.parse_args(argv)
+    if args.graph_calls < 0:
+        p.error(f"--graph-calls must be >= 0, got {args.graph_calls}")
     C.set_l2_flush(args.l2_flush)
+    C.set_graph_calls(args.graph_calls)
     device = torch.device("cuda")
     from seerattn_r import backend, ops
 
@@ -108,13 +116,21 @@ def main(argv: list[str] | None = None) -> None:
                 want = reference_sums(k, v, idx, args.block_size)
                 row["gather_ok"] = bool(torch.allclose(gather_sum(k, v, idx, args.block_size), want, rtol=1e-3, atol=1e-2))
                 del want
-                row["gather_graph_ms"] = C.time_graph(lambda: gather_sum(k, v, idx, args.block_size), device)
+                gather = lambda: gather_sum(k, v, idx, args.block_size)  # noqa: E731
+                row["gather_graph_ms"] = C.time_graph(gather, device)
                 row["gather_floor_frac"] = row["floor_sparse_ms"] / row["gather_graph_ms"]
+                if args.graph_calls:
+                    row["gather_ingraph_ms"] = C.time_in_graph(gather, device, args.graph_calls)
+                    row["gather_ingraph_floor_frac"] = row["floor_sparse_ms"] / row["gather_ingraph_ms"]
                 for name in C.parse_list(args.backends, str):
                     with backend.use_backend(name):
                         fn = lambda: ops.sparse_decode(q, k, v, lens, idx, args.block_size)  # noqa: E731
                         row[f"{name}_graph_ms"] = C.time_graph(fn, device)
+                        if args.graph_calls:
+                            row[f"{name}_ingraph_ms"] = C.time_in_graph(fn, device, args.graph_calls)
                     row[f"{name}_vs_gather"] = row[f"{name}_graph_ms"] / row["gather_graph_ms"]
+                    if args.graph_calls:
+                        row[f"{name}_vs_gather_ingraph"] = row[f"{name}_ingraph_ms"] / row["gather_ingraph_ms"]
                 rows.append(row)
                 print({key: (round(val * 1e3, 2) if key.endswith("_ms") else val) for key, val in row.items()
                        if key not in ("timer",)}, flush=True)

@@ -41,7 +41,8 @@ def load(path: Path) -> dict:
 def decode_json(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "decode.json"
     run_script("bench_decode.py", [*TINY, "--sparsity", "0.5,0.75", "--backends", "torch,triton",
-                                   "--peers", "sdpa,flex", "--out", str(out)], interpret=True)
+                                   "--peers", "sdpa,flex", "--graph-calls", "4", "--out", str(out)],
+               interpret=True)
     return out
 
 
@@ -60,7 +61,7 @@ def test_decode_rows(decode_json):
     assert sorted(r["sparsity"] for r in rows) == [0.5, 0.75]
     for r in rows:
         assert "host" in r["timer"] and "no CUDA graph" in r["timer"]
-        assert not any(k.endswith("_graph_ms") for k in r), "no graph timings on CPU"
+        assert not any(k.endswith(("_graph_ms", "_ingraph_ms")) for k in r), "no graph timings on CPU"
         errors = {k: v for k, v in r.items() if k.endswith("_err")}
         assert not errors, errors
         for name in ("seerattn_torch", "seerattn_triton", "sdpa_flash", "flex_dense", "flex_sparse"):
@@ -159,3 +160,22 @@ def test_gather_floor_kernel_reads_the_selected_blocks():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", code, str(BENCH)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_in_graph_timer_arguments():
+    """time_in_graph has no CPU form (None, as time_graph), and its call count is checked
+    where it is set."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    import _common as C
+
+    assert C.time_in_graph(lambda: None, torch.device("cpu"), 4) is None
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="calls"):
+            C.set_graph_calls(bad)
+    C.set_graph_calls(0)
+    assert C.GRAPH_CALLS == 0
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_decode.py"), *TINY, "--graph-calls", "-2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--graph-calls must be >= 0" in proc.stderr
