@@ -4,14 +4,17 @@ Each stage runs in its own process under its own time limit and prints timestamp
 stage that overruns is killed and recorded as such, and the next stage still runs:
 
 * ``build``: the benchmark configuration compiled alone (timed: tilelang lowering + nvcc),
-  then every configuration the GPU property tests can draw, in parallel processes, into
-  TileLang's on-disk cache (so the tests that follow do not compile);
+  then the configurations ``check`` uses (with ``--every-config``: every configuration the
+  GPU property tests can draw without the small-batch cluster combine, and the combine
+  for the common shapes), in parallel processes, into TileLang's on-disk cache (so the
+  tests that follow compile little);
 * ``launch``: one call at batch 1 x 8k and 1 x 32k (90% sparse), each followed by
   ``torch.cuda.synchronize()``;
 * ``check``: outputs and LSE against :mod:`seerattn_r.reference` over a spread of shapes
   (the benchmark points, ragged lengths, offsets, strided caches, messy indices, every
-  head dim and block size, fp16 and bf16, forced split counts), repeated calls (the split
-  counter resets), CUDA-graph replay, and that no call after the first compiles;
+  head dim and block size, fp16 and bf16, forced split counts and cluster sizes), repeated
+  calls (the split counter resets), CUDA-graph replay, and that no call after the first
+  compiles except for another batch size's cluster size;
 * ``stress``: 300 launches of each of a few large grids (batch 8/16 x 32k, 51-256 blocks
   per KV head), every other one after an L2 flush, each case in a fresh process killed
   after 40 s: a kernel that deadlocks only now and then (a race between its warps) shows
@@ -41,7 +44,7 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = {"build": 100, "launch": 40, "check": 120, "stress": 200}
+STAGES = {"build": 100, "launch": 40, "check": 200, "stress": 200}
 # (batch, tokens, blocks per KV head) of the stress stage; each runs STRESS_REPS launches.
 STRESS_CASES = [(16, 32768, 51), (8, 32768, 51), (16, 32768, 128), (16, 32768, 256)]
 STRESS_REPS = 300
@@ -77,28 +80,33 @@ def stage_build(result: dict, every: bool) -> None:
     from seerattn_r.kernels.tilelang import sparse_decode as sd
 
     arch = _arch()
-    main = ("float16", 128, 128, 64, 8, arch)
+    main = ("float16", 128, 128, 64, 8, 1, arch)
     say(f"compiling the benchmark configuration {main} alone")
     cfg, secs, err = _build_one(main)
     result["main_compile_s"] = secs
     say(f"  done in {secs:.1f}s err={err}")
     if every:  # what the GPU property tests can draw
         dims = [(64, 64), (64, 128), (128, 128), (128, 64), (256, 256), (256, 64), (256, 128)]
-        cfgs = [(dt, d, dv, bs, heads, arch) for dt, (d, dv), bs, heads in
+        cfgs = [(dt, d, dv, bs, heads, 1, arch) for dt, (d, dv), bs, heads in
                 itertools.product(("float16", "bfloat16"), dims, (16, 32, 64, 128), (8, 16))]
         # Groups past 16 (wgmma N 32 and 64), at the tile shapes that differ: swap-AB
         # (64-token tiles) and the small-block form.
-        cfgs += [(dt, d, dv, bs, heads, arch) for dt, (d, dv), bs, heads in
+        cfgs += [(dt, d, dv, bs, heads, 1, arch) for dt, (d, dv), bs, heads in
                  itertools.product(("float16", "bfloat16"), [(128, 128), (256, 256)], (32, 64), (32, 64))]
+        # The small-batch cluster combine, for the common shapes (other configurations
+        # compile on first use).
+        cfgs += [(dt, d, dv, bs, 8, cluster, arch) for dt, (d, dv), bs, cluster in
+                 itertools.product(("float16", "bfloat16"), [(128, 128), (64, 64)], (16, 64), sd._CLUSTERS)]
     else:  # what the check stage uses
         dtypes = {"fp16": "float16", "bf16": "bfloat16"}
-        cfgs = sorted({(dtypes[c[1]], c[6], c[7], c[8], sd._heads(c[4] // c[5]), arch) for c in CASES} - {main})
+        cfgs = sorted({(dtypes[c[1]], c[6], c[7], c[8], sd._heads(c[4] // c[5]), cluster, arch)
+                       for c in CASES for cluster in _clusters(c)} - {main})
     say(f"compiling {len(cfgs)} configurations in parallel")
     built = []
     workers = max(1, min(len(cfgs), (os.cpu_count() or 2) - 1))
     with cf.ProcessPoolExecutor(workers) as pool:
         for cfg, secs, err in pool.map(_build_one, cfgs):
-            built.append({"cfg": list(cfg[:5]), "s": round(secs, 1), "err": err})
+            built.append({"cfg": list(cfg[:6]), "s": round(secs, 1), "err": err})
             if err:
                 say(f"  {cfg}: {err}")
     result["builds"] = built
@@ -165,6 +173,30 @@ CASES = [
 ]
 
 
+def _cluster_of(batch, tokens, hq, hkv, dv, bs, slots) -> int:
+    """The cluster size sparse_decode plans for these shapes on this GPU (1: none)."""
+    import torch
+
+    from seerattn_r.kernels.tilelang import sparse_decode as sd
+
+    max_tiles = min(slots, -(-tokens // bs)) * (bs // min(bs, sd._TILE))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return sd._cluster_size(batch * hkv, slots, max_tiles, sms, sd._heads(hq // hkv), dv)
+
+
+def _clusters(case) -> set[int]:
+    """Cluster sizes the check stage runs a case with: planned, none, and every forced size
+    the exchange allows."""
+    from seerattn_r.kernels.tilelang import sparse_decode as sd
+
+    _, _, batch, tokens, hq, hkv, _, dv, bs, keep, *_ = case
+    keep = min(keep, -(-tokens // bs))
+    slots = keep + (max(1, keep // 2) + max(1, keep // 4) if case[-1] else 0)  # messy: extra, repeated ids
+    fits = sd._heads(hq // hkv) * dv <= sd._CLUSTER_ELEMS
+    forced = {c for c in sd._CLUSTERS if fits and slots <= sd._LIST * c}
+    return {1, _cluster_of(batch, tokens, hq, hkv, dv, bs, slots)} | forced
+
+
 def stage_launch(result: dict) -> None:
     import torch
 
@@ -200,7 +232,7 @@ def stage_check(result: dict) -> None:
 
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     rows = []
-    real_splits = sd._num_splits
+    real_splits, real_cluster = sd._num_splits, sd._cluster_size
     for case in CASES:
         name, dt, batch, tokens, hq, hkv, d, dv, bs, keep, ragged, offsets, strided, messy = case
         dtype = dtypes[dt]
@@ -208,10 +240,17 @@ def stage_check(result: dict) -> None:
                                          strided, messy)
         sm = 1.0 / math.sqrt(d)
         ref_out, ref_lse = reference.sparse_decode(q.float(), k.float(), v.float(), lens, idx, bs, sm, offs)
-        for splits in (None, 1, 3, 64):
-            # A forced count still respects the kernel's limit of _LIST index slots per split.
-            sd._num_splits = real_splits if splits is None else (
-                lambda units, slots, max_tiles, sms, n=splits: max(n, math.ceil(slots / sd._LIST)))
+        fits = sd._heads(hq // hkv) * dv <= sd._CLUSTER_ELEMS
+        forced = [f"c{c}" for c in sd._CLUSTERS if fits and idx.shape[-1] <= sd._LIST * c]
+        for splits in (None, 1, 3, 64, *forced):
+            # None: as planned; n: n splits combined through memory (a forced count still
+            # respects the kernel's limit of _LIST index slots per split); "cN": N splits
+            # combined in clusters of N.
+            if isinstance(splits, str):
+                sd._cluster_size = lambda *a, n=int(splits[1:]): n
+            elif splits is not None:
+                sd._cluster_size = lambda *a: 1
+                sd._num_splits = lambda units, slots, max_tiles, sms, n=splits: max(n, math.ceil(slots / sd._LIST))
             try:
                 with backend.use_backend("tilelang"):
                     outs = [ops.sparse_decode(q, k, v, lens, idx, bs, sm, offs, return_lse=True) for _ in range(3)]
@@ -226,14 +265,15 @@ def stage_check(result: dict) -> None:
             except Exception as exc:  # noqa: BLE001
                 row = {"name": name, "splits": splits, "ok": False, "err": f"{type(exc).__name__}: {exc}"[:400]}
             finally:
-                sd._num_splits = real_splits
+                sd._num_splits, sd._cluster_size = real_splits, real_cluster
             rows.append(row)
             result["correctness"] = rows
             SAVE()
             say(f"check {name} splits={splits}: {row}")
 
     # CUDA-graph replay with the cache growing between replays (the decode loop), and no
-    # compile after the first call: the compiled-kernel cache must not grow.
+    # compile after the first call but for other batch sizes' cluster sizes: the
+    # compiled-kernel cache grows only by those.
     misses = sd._build.cache_info().misses
     q, k, v, lens, idx, _ = _case(torch.float16, 2, 32768, 64, 8, 128, 128, 64, 100)
     lens.fill_(30000)
@@ -255,13 +295,17 @@ def stage_check(result: dict) -> None:
             torch.cuda.synchronize()
             ref, _ = reference.sparse_decode(q.float(), k.float(), v.float(), lens, idx, 64, 1 / math.sqrt(128), None)
             graph_rows.append(_relerr(ref, out.float()))
-        for batch, tokens, keep in ((1, 1000, 3), (3, 4096, 50), (2, 20000, 7)):
+        clusters = {_cluster_of(2, 32768, 64, 8, 128, 64, 100)}
+        for batch, tokens, keep in ((1, 1000, 3), (3, 4096, 50), (2, 20000, 7), (5, 8192, 20), (2, 512, 9)):
             a = _case(torch.float16, batch, tokens, 64, 8, 128, 128, 64, keep)
             ops.sparse_decode(*a[:5], 64)
+            clusters.add(_cluster_of(batch, tokens, 64, 8, 128, 64, keep))
     torch.cuda.synchronize()
     result["graph_replay_relerr"] = graph_rows
     result["compiles_after_first"] = sd._build.cache_info().misses - misses
-    say(f"graph replay relerr {graph_rows}; compiles after the first call: {result['compiles_after_first']}")
+    result["cluster_sizes_after_first"] = len(clusters) - 1
+    say(f"graph replay relerr {graph_rows}; compiles after the first call: {result['compiles_after_first']} "
+        f"(new cluster sizes among the other batch sizes: {result['cluster_sizes_after_first']})")
 
 
 def stress_one(index: int) -> None:
@@ -288,7 +332,7 @@ def stress_one(index: int) -> None:
 def stage_stress(result: dict) -> None:
     # Compile here first (into TileLang's on-disk cache): the children's limit is for
     # launches, and a child that compiles would be killed for that.
-    _, _, err = _build_one(("float16", 128, 128, 64, 8, _arch()))
+    _, _, err = _build_one(("float16", 128, 128, 64, 8, 1, _arch()))
     if err:  # children would compile, fail and be reported as hangs
         result["build_error"] = err
         say(f"stress: the kernel does not build: {err}")

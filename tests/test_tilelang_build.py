@@ -1,13 +1,15 @@
 """The TileLang Hopper kernels build for sm_90a on a machine without a GPU.
 
 Lowering (TileLang passes + CUDA codegen, no nvcc) proves a configuration is accepted and
-shows which instructions it uses; one configuration is also compiled by nvcc to a cubin.
+shows which instructions it uses; the benchmark configuration is also compiled by nvcc to
+a cubin, with and without the cluster combine (whose inline PTX only ptxas checks).
 Lowering this kernel takes 5-30 s per configuration, so the default run lowers a covering
-set (every dtype, head dim, value head dim, block size and padded GQA group appears at
-least once, with each tile shape of :func:`_tiling` and both GEMM forms: swap-AB for 64-token
-tiles, the group as M for smaller blocks); ``SEERATTN_TILELANG_BUILD_ALL=1`` lowers the full
-product (dtype x D x Dv x block size x padded group, 288 configurations) for a release
-check.
+set (every dtype, head dim, value head dim, block size, padded GQA group and combine
+cluster size appears at least once, with each tile shape of :func:`_tiling` and both GEMM
+forms: swap-AB for 64-token tiles, the group as M for smaller blocks);
+``SEERATTN_TILELANG_BUILD_ALL=1`` lowers the full product (dtype x D x Dv x block size x
+padded group x cluster size, where the cluster combine applies: 720 configurations) for a
+release check.
 Numerical tests of this backend run on a GPU in ``tests/test_ops.py``
 (``SEERATTN_BACKEND=tilelang``).
 """
@@ -30,25 +32,30 @@ DIMS = (64, 128, 256)
 BLOCK_SIZES = (16, 32, 64, 128)
 
 HEADS = (8, 16, 32, 64)
+CLUSTERS = (1, 4, 8)
 
-COVERING = [  # dtype, D, Dv, block size, padded GQA group (the wgmma's N)
-    ("float16", 128, 128, 64, 8),  # the benchmark configuration
-    ("bfloat16", 128, 128, 128, 16),  # two tiles per block
-    ("float16", 64, 64, 16, 8),  # blocks under 64 tokens: Q K^T with the group as M
-    ("bfloat16", 256, 256, 32, 64),
-    ("float16", 128, 64, 32, 32),
-    ("bfloat16", 64, 256, 16, 16),
-    ("float16", 256, 128, 64, 64),
+COVERING = [  # dtype, D, Dv, block size, padded GQA group (the wgmma's N), combine cluster
+    ("float16", 128, 128, 64, 8, 1),  # the benchmark configuration at batch 16 ...
+    ("float16", 128, 128, 64, 8, 8),  # ... and at batch 1 (8 splits combined in a cluster)
+    ("bfloat16", 128, 128, 128, 16, 4),  # two tiles per block
+    ("float16", 64, 64, 16, 8, 4),  # blocks under 64 tokens: Q K^T with the group as M
+    ("bfloat16", 256, 256, 32, 64, 1),
+    ("float16", 128, 64, 32, 32, 4),
+    ("bfloat16", 64, 256, 16, 16, 8),  # the largest exchange (16 x 256 fp32) with small tiles
+    ("float16", 256, 128, 64, 64, 1),
 ]
 if os.environ.get("SEERATTN_TILELANG_BUILD_ALL") == "1":
-    CONFIGS = list(itertools.product(DTYPES, DIMS, DIMS, BLOCK_SIZES, HEADS))
+    CONFIGS = [
+        cfg for cfg in itertools.product(DTYPES, DIMS, DIMS, BLOCK_SIZES, HEADS, CLUSTERS)
+        if cfg[5] == 1 or cfg[4] * cfg[2] <= 4096
+    ]
 else:
     CONFIGS = COVERING
 
 
 def _id(cfg) -> str:
-    dtype, dim, dim_v, block_size, heads = cfg
-    return f"{'fp16' if dtype == 'float16' else 'bf16'}-D{dim}-Dv{dim_v}-bs{block_size}-n{heads}"
+    dtype, dim, dim_v, block_size, heads, cluster = cfg
+    return f"{'fp16' if dtype == 'float16' else 'bf16'}-D{dim}-Dv{dim_v}-bs{block_size}-n{heads}-c{cluster}"
 
 
 def test_import_does_not_load_tilelang():
@@ -71,7 +78,7 @@ def test_lowers_to_wgmma_and_tma(cfg):
     assert "wgmma" in src, "q.K / p.V should be Hopper warpgroup MMAs"
     # Swap-AB: every wgmma is m64 with the padded group as N, except Q K^T for blocks under
     # 64 tokens, which keeps the group as M and the block's tokens as N.
-    _, _, _, block_size, heads = cfg
+    _, _, _, block_size, heads, cluster = cfg
     shapes = set(re.findall(r"wgmma_ss<[^>]*?, (\d+), (\d+), 16, (?:true|false)", src))
     qk = (64, heads) if block_size >= 64 else (64, block_size)
     assert shapes == {tuple(map(str, qk)), ("64", str(heads))}, shapes
@@ -91,6 +98,19 @@ def test_lowers_to_wgmma_and_tma(cfg):
     after = src[split:].splitlines()[1].strip()
     assert after.startswith("if (((int)threadIdx.x) >= 32) return;")
     assert src.count(">= 32) return;") == 1
+    # The cluster combine: every thread arrives once before the warpgroups split (the
+    # peers' shared memory exists before the exchange), the consumer alone exchanges its
+    # partial through distributed shared memory and passes the release/acquire barrier.
+    kernel = src.index("__global__")
+    if cluster > 1:
+        assert src[kernel:split].count("seer_cluster_arrive_relaxed();") == 1
+        for call in ("seer_cluster_wait();", "seer_store_f4(", "seer_store_f32(",
+                     "seer_cluster_arrive_release();", "seer_cluster_wait_acquire();"):
+            assert call in src[split:], call
+        assert "st.shared::cluster.v4.f32" in src and "mapa.shared::cluster" in src
+        assert "AtomicAddRet" not in src[kernel:], "a clustered launch needs no split counter"
+    else:
+        assert "seer_" not in src and "barrier.cluster" not in src
 
 
 def test_producer_patch_refuses_unknown_codegen():
@@ -101,7 +121,8 @@ def test_producer_patch_refuses_unknown_codegen():
         _one_producer_warp("extern \"C\" __global__ void sparse_decode_kernel_kernel() {}")
 
 
-def test_nvcc_builds_main_config(monkeypatch):
+@pytest.mark.parametrize("cluster", [1, 8])
+def test_nvcc_builds_main_config(monkeypatch, cluster):
     pytest.importorskip("tilelang")
     cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
     if shutil.which("nvcc") is None and not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
@@ -109,7 +130,7 @@ def test_nvcc_builds_main_config(monkeypatch):
     monkeypatch.setenv("CUDA_HOME", cuda_home)
     from seerattn_r.kernels.tilelang.sparse_decode import _build
 
-    kernel = _build("float16", 128, 128, 64, 8, ARCH)
+    kernel = _build("float16", 128, 128, 64, 8, cluster, ARCH)
     src = kernel.get_kernel_source()
     assert "wgmma" in src and "tma_load" in src
 
@@ -137,6 +158,33 @@ def test_split_count(units, slots, max_tiles, expected):
     assert n == expected
     assert 1 <= n <= max(sd._MAX_SPLITS, -(-slots // sd._LIST))
     assert -(-slots // n) <= sd._LIST
+
+
+@pytest.mark.parametrize(
+    "units, slots, max_tiles, heads, dim_v, expected",
+    [
+        (8, 51, 51, 8, 128, 8),  # batch 1 x 8 KV heads: 8 splits in clusters of 8 (64 CTAs)
+        (16, 51, 51, 8, 128, 4),  # batch 2: clusters of 4
+        (32, 51, 51, 8, 128, 1),  # batch 4: 4 splits through memory (clusters of 2 lost)
+        (6, 51, 51, 8, 128, 8),  # 48 CTAs
+        (24, 51, 51, 8, 128, 1),  # batch 3: 24 clusters of 4 would take 96 of the 132 SMs
+        (4, 51, 51, 8, 128, 1),  # 32 CTAs would leave HBM idle: 33 splits through memory
+        (8, 3, 3, 8, 128, 1),  # no split may be empty
+        (8, 9000, 9000, 8, 128, 1),  # 9 splits' worth of index slots
+        (16, 5000, 5000, 8, 128, 1),  # 5 splits' worth: more than a cluster of 4 holds
+        (8, 51, 51, 64, 128, 1),  # a 64 x 128 fp32 exchange does not fit next to the pipeline
+        (8, 51, 51, 16, 256, 8),  # 16 x 256 does
+    ],
+)
+def test_cluster_size(units, slots, max_tiles, heads, dim_v, expected):
+    """The small-batch combine's cluster size (= split count) on 132 SMs, as on an H100:
+    clusters within half the SMs (all resident at once) and over a third of them."""
+    from seerattn_r.kernels.tilelang import sparse_decode as sd
+
+    size = sd._cluster_size(units, slots, max_tiles, 132, heads, dim_v)
+    assert size == expected
+    if size > 1:
+        assert 132 // 3 <= units * size <= 132 // 2 and -(-slots // size) <= sd._LIST
 
 
 def test_padded_group():

@@ -27,11 +27,24 @@ One launch does everything. A CTA serves one (row ``b``, KV head ``h``, split ``
    shorter than one tile reads TMA zero fill, or with ``cache_offsets`` the row's left
    padding, in front of its tokens; those columns are masked like the rest, so they must
    hold finite values, as any cache a model wrote does.)
-3. The split's normalised output and log2-sum-exp go to a fp32 workspace; the last CTA of
-   ``(b, h)`` to finish (an acq-rel counter after a warpgroup barrier, kept per stream and
-   reset by that CTA for the next launch) combines the splits in one pass: each thread
-   folds 16 splits' partials for 8 columns at a time with an online log-sum-exp, all 16
-   loads in flight at once. With one split the CTA writes ``out`` and ``lse`` directly.
+3. With one split the CTA writes ``out`` and ``lse`` directly. Otherwise the splits'
+   normalised outputs and log2-sum-exps are combined, in one of two ways:
+
+   * At small batch, where the ``(b, h)`` units leave most SMs free, the splits of a unit
+     are one thread-block cluster of 4 or 8 CTAs and combine through distributed
+     shared memory: each CTA sends column slice ``k`` of its partial to CTA ``k`` of the
+     cluster (``st.shared::cluster``), one cluster barrier (release/acquire) later every
+     CTA folds the slices it received and writes its columns of ``out``. No global
+     round trip, where the counter below costs three dependent ones (the partials' write
+     acknowledged, the atomic, the partials' reload): at batch 1 on an H100 the
+     split-combine took 2.0-2.2 us of the call, and 8 splits in clusters of 8 beat 16
+     splits combined through memory at every batch-1 point (e.g. 11.2 vs 11.8 us at
+     32k x 90% as one node of a CUDA graph, 11.6 vs 12.5 at 8k x 50%).
+   * Otherwise the partials go to a fp32 workspace; the last CTA of ``(b, h)`` to finish
+     (an acq-rel counter after a warpgroup barrier, kept per stream and reset by that CTA
+     for the next launch) combines the splits in one pass: each thread folds 16 splits'
+     partials for 8 columns at a time with an online log-sum-exp, all 16 loads in flight
+     at once.
 
 One producer warp. TileLang's warp specialisation (0.1.15) runs the producer loop on all
 four warps of the producer warpgroup, although only warp 0 issues the TMA loads: warps 1-3
@@ -47,9 +60,12 @@ the shape the patch expects.
 
 What triggers a compile (one kernel per key, cached in memory and in TileLang's on-disk
 cache, so a second process loads it): the dtype, ``D``, ``Dv``, the block size, the GQA
-group padded to 8, 16, 32 or 64, and the GPU architecture. Batch size, cache length (and
-the caches' strides), the head counts within that padding, the number of indices ``M``,
-the offsets and the split count are run-time values: a decode loop compiles once.
+group padded to 8, 16, 32 or 64, the cluster size of the small-batch combine (1, 4 or 8;
+it follows the number of ``(b, h)`` units, see :func:`_cluster_size`) and the GPU
+architecture. Cache length (and the caches' strides), the head counts within that
+padding, the number of indices ``M``, the offsets and the split count are run-time
+values: a decode loop at a fixed batch size compiles once, and all batch sizes together
+at most three times (with 8 KV heads: batch 1, batch 2, the rest).
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the prim_func's annotations,
@@ -80,11 +96,49 @@ _MAX_SPLITS = 64
 _SMEM_BUDGET = 200 * 1024
 # Columns of one output row a thread combines (16 splits' worth in flight at once).
 _COLS = 8
+# Cluster sizes of the small-batch combine, largest first. A cluster's CTAs must be
+# resident together, one per SM: the clusters of a launch stay within half the SMs, which
+# an H100 holds at either size (15 clusters of 8 and 30 of 4 fit this kernel's shared
+# memory) while 16 clusters of 8 already take two waves. Clusters of 2 lost to 4-5
+# splits combined through memory at batch 3-4 with 8 KV heads (by up to 2.5%, H100).
+_CLUSTERS = (8, 4)
+# Each cluster CTA stages its partial (heads x Dv fp32) and receives as much: bounded so
+# that the exchange costs the pipeline no more than 32 KiB of shared memory.
+_CLUSTER_ELEMS = 4096
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _INT_MAX = 2**31 - 1
 
 _TILELANG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# Distributed shared memory and the cluster barrier, which TileLang's language does not
+# expose as scalar operations: inline PTX, prepended to clustered kernels' source.
+_CLUSTER_PRELUDE = r"""
+__device__ __forceinline__ void seer_cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void seer_cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+__device__ __forceinline__ void seer_cluster_arrive_release() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void seer_cluster_wait_acquire() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// The address of `local` (this CTA's shared memory) in the shared memory of cluster CTA `rank`.
+__device__ __forceinline__ unsigned seer_mapa(const void* local, unsigned rank) {
+  unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(local)), remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  return remote;
+}
+__device__ __forceinline__ void seer_store_f4(void* dst, unsigned rank, const void* src) {
+  float4 v = *reinterpret_cast<const float4*>(src);
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};"
+               :: "r"(seer_mapa(dst, rank)), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+}
+__device__ __forceinline__ void seer_store_f32(void* dst, unsigned rank, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(seer_mapa(dst, rank)), "f"(v) : "memory");
+}
+"""
 
 
 def _heads(group: int) -> int:
@@ -92,29 +146,32 @@ def _heads(group: int) -> int:
     return next(n for n in _HEADS if n >= group)
 
 
-def _tiling(dim: int, dim_v: int, block_size: int, heads: int) -> tuple[int, int]:
+def _tiling(dim: int, dim_v: int, block_size: int, heads: int, cluster: int) -> tuple[int, int]:
     """(tokens per tile, pipeline stages). A tile is one block, or a 64-token part of a
     larger one. A CTA owns its SM (warp specialisation sets the register split for one CTA
     of 256 threads), so the stages take what shared memory Q (the group padded to M for
-    tiles under 64 tokens), the scores, the duplicate table and the block list leave: the
-    more K/V bytes in flight, the closer to the bandwidth floor."""
+    tiles under 64 tokens), the scores, the duplicate table, the block list and (in a
+    cluster) the combine's exchange buffers leave: the more K/V bytes in flight, the
+    closer to the bandwidth floor."""
     tile = min(block_size, _TILE)
     q_rows = heads if tile == _TILE else _TILE
     stage_bytes = tile * (dim + dim_v) * 2
-    free = _SMEM_BUDGET - q_rows * dim * 2 - heads * tile * 6 - MAX_BLOCKS * 4 - _LIST * 4
+    exchange = 8 * heads * (dim_v + cluster) if cluster > 1 else 0
+    free = _SMEM_BUDGET - q_rows * dim * 2 - heads * tile * 6 - MAX_BLOCKS * 4 - _LIST * 4 - exchange
     # About 128 KiB of K/V in flight keeps an SM's share of HBM busy; more stages only add
     # barriers.
     return tile, max(2, min(8, free // stage_bytes, 131072 // stage_bytes))
 
 
 @functools.cache
-def _build(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, arch: str):
-    """Compile the kernel for one configuration (see the module docstring for the key)."""
+def _build(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, cluster: int, arch: str):
+    """Compile the kernel for one configuration (see the module docstring for the key);
+    ``cluster`` is 1 or the cluster size of the distributed-shared-memory combine."""
     import tilelang
 
     with _one_producer_warp_codegen():
         return tilelang.compile(
-            _program(dtype, dim, dim_v, block_size, heads),
+            _program(dtype, dim, dim_v, block_size, heads, cluster),
             target={"kind": "cuda", "arch": arch},
             pass_configs=_pass_configs(),
             # Not needed by the source; it keys TileLang's on-disk cache apart from any
@@ -188,28 +245,33 @@ def _pass_configs() -> dict:
     }
 
 
-def lower_source(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, arch: str) -> str:
+def lower_source(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, cluster: int, arch: str) -> str:
     """CUDA source of one configuration, lowered without nvcc (for the build test)."""
     import tilelang
     import tvm
 
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     with _one_producer_warp_codegen(), tvm.transform.PassContext(config=_pass_configs()), target:
-        func = _program(dtype, dim, dim_v, block_size, heads)
+        func = _program(dtype, dim, dim_v, block_size, heads, cluster)
         return tilelang.lower(func, target=target, enable_device_compile=False).kernel_source
 
 
-def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int):
+def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, cluster: int):
     """The TileLang ``prim_func`` for one configuration (also lowered by the build test)."""
     import tilelang.language as T
 
     acc = "float32"
-    tile, stages = _tiling(dim, dim_v, block_size, heads)
+    tile, stages = _tiling(dim, dim_v, block_size, heads, cluster)
     sub = block_size // tile  # tiles per block
     # Swap-AB needs the tile's tokens to fill the wgmma's M; a tile of 16 or 32 tokens
     # (a block that small) computes Q K^T with the group padded to M instead.
     swap = tile == _TILE
     q_rows = heads if swap else _TILE
+    # The cluster combine's buffers; a single element each without clusters.
+    slice_v = dim_v // cluster  # output columns each cluster CTA combines
+    stage_shape = (heads, dim_v) if cluster > 1 else (1, 1)
+    recv_shape = (cluster, heads, slice_v) if cluster > 1 else (1, 1, 1)
+    recv_lse_shape = (cluster, heads) if cluster > 1 else (1, 1)
     batch, smax, hkv, hq, m, nsplit, nsem = T.dynamic("batch, smax, hkv, hq, m, nsplit, nsem")
     skb, sks, skh, svb, svs, svh = T.dynamic("skb, sks, skh, svb, svs, svh")
     neg_inf = -T.infinity(acc)
@@ -238,7 +300,12 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int):
         Lpart: T.Tensor((batch, hq, nsplit), acc),
         sem: T.Tensor((nsem,), "int32"),
     ):
-        with T.Kernel(nsplit, hkv, batch, threads=_THREADS) as (sid, hk, b):
+        # With clusters, nsplit == cluster: one cluster per (b, h), the split id its rank.
+        with T.Kernel(
+            nsplit, hkv, batch, threads=_THREADS,
+            prelude=_CLUSTER_PRELUDE if cluster > 1 else None,
+            cluster_dims=(cluster, 1, 1) if cluster > 1 else None,
+        ) as (sid, hk, b):
             tx = T.get_thread_binding()
             first_slot = T.alloc_shared((MAX_BLOCKS,), "int32")
             chosen = T.alloc_shared((_LIST,), "int32")
@@ -250,6 +317,10 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int):
             acc_c = T.alloc_local((_COLS,), acc)
             parts = T.alloc_local((16 * _COLS,), acc)  # combine: 16 splits x _COLS columns
             lses = T.alloc_local((16,), acc)  # combine: 16 splits' log2-sum-exp
+            o_stage = T.alloc_shared(stage_shape, acc)  # cluster combine: this CTA's partial
+            lse_stage = T.alloc_shared(stage_shape[:1], acc)
+            recv = T.alloc_shared(recv_shape, acc)  # ... and the slices the others sent here
+            recv_lse = T.alloc_shared(recv_lse_shape, acc)
             q_s = T.alloc_shared((q_rows, dim), dtype)
             k_s = T.alloc_shared((tile, dim), dtype)
             v_s = T.alloc_shared((tile, dim_v), dtype)
@@ -272,6 +343,12 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int):
             count = T.alloc_var("int32", init=0)
             partial = T.alloc_var("uint32", init=0)
 
+            if cluster > 1:
+                # Phase 1 of the cluster barrier, waited on before the exchange: every CTA
+                # of the cluster has started (its shared memory exists) before a peer
+                # writes into it. All 256 threads arrive; those that exit early stop
+                # counting (PTX `exit` releases the barriers they would hold up).
+                T.evaluate(T.call_extern("handle", "seer_cluster_arrive_relaxed"))
             off = offsets[b]
             head0 = hk * group
             # The loads that need only the CTA's place go out first, together: the query
@@ -389,7 +466,58 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int):
             consumer_sync()
             for d, i in T.Parallel(dim_v, heads):
                 o_t[d, i] = T.if_then_else(ntiles > 0, o_t[d, i] / l_s[i], 0)
-            if nsplit == 1:
+            if cluster > 1:
+                for d, i in T.Parallel(dim_v, heads):
+                    o_stage[i, d] = o_t[d, i]
+                for i in T.Parallel(heads):
+                    lse_stage[i] = m_i[i]
+                consumer_sync()
+                T.evaluate(T.call_extern("handle", "seer_cluster_wait"))
+                # Reduce-scatter: columns [k * slice_v, (k + 1) * slice_v) of this partial go
+                # to rank k, 4 floats per store; every rank gets every split's log-sum-exp.
+                quads = heads * dim_v // 4
+                for e in T.serial(T.ceildiv(quads, _THREADS)):
+                    if e * _THREADS + tx < quads:
+                        h = (e * _THREADS + tx) // (dim_v // 4)
+                        col = (e * _THREADS + tx) % (dim_v // 4) * 4
+                        T.evaluate(
+                            T.call_extern(
+                                "handle", "seer_store_f4", T.address_of(recv[sid, h, col % slice_v]),
+                                col // slice_v, T.address_of(o_stage[h, col]),
+                            )
+                        )
+                for e in T.serial(T.ceildiv(heads * cluster, _THREADS)):
+                    if e * _THREADS + tx < heads * cluster:
+                        h = (e * _THREADS + tx) % heads
+                        T.evaluate(
+                            T.call_extern(
+                                "handle", "seer_store_f32", T.address_of(recv_lse[sid, h]),
+                                (e * _THREADS + tx) // heads, lse_stage[h],
+                            )
+                        )
+                # Phase 2: the stores above are released to, and acquired by, every rank.
+                T.evaluate(T.call_extern("handle", "seer_cluster_arrive_release"))
+                T.evaluate(T.call_extern("handle", "seer_cluster_wait_acquire"))
+                for i, c in T.Parallel(heads, slice_v):
+                    if i < group:
+                        top = T.alloc_var(acc)
+                        wsum = T.alloc_var(acc)
+                        osum = T.alloc_var(acc)
+                        top = neg_inf
+                        for r in T.serial(cluster):
+                            top = T.max(top, recv_lse[r, i])
+                        # A head no split saw stays at -inf: shift by 0, not NaN.
+                        shift = T.if_then_else(top == neg_inf, 0, top)
+                        wsum = 0
+                        osum = 0
+                        for r in T.serial(cluster):
+                            w = T.exp2(recv_lse[r, i] - shift)
+                            wsum = wsum + w
+                            osum = osum + w * recv[r, i, c]
+                        Out[b, head0 + i, sid * slice_v + c] = T.if_then_else(wsum > 0, osum / wsum, 0)
+                        if sid == 0 and c == 0:
+                            Lse[b, head0 + i] = T.if_then_else(top == neg_inf, neg_inf, (top + T.log2(wsum)) * _LN2)
+            elif nsplit == 1:
                 for d, i in T.Parallel(dim_v, heads):
                     if i < group:
                         Out[b, head0 + i, d] = o_t[d, i]
@@ -499,6 +627,28 @@ def _num_splits(units: int, slots: int, max_tiles: int, num_sms: int) -> int:
 
     best = max(efficiency(n) for n in range(least, most + 1))
     return next(n for n in range(least, most + 1) if efficiency(n) >= 0.9 * best)
+
+
+def _cluster_size(units: int, slots: int, max_tiles: int, num_sms: int, heads: int, dim_v: int) -> int:
+    """The cluster size (= split count) of the distributed-shared-memory combine for a
+    launch of ``units`` (row, KV head) pairs, or 1 for the combine through global memory.
+
+    The larger of 8 and 4 whose clusters stay within half the SMs (so that they are
+    resident together; see :data:`_CLUSTERS`) and still cover a third of them: every CTA
+    keeps at most 128 KiB of K/V in flight, and fewer CTAs than that leave HBM idle on
+    long rows. The split count is capped by the cluster (8 rather than the 16 a batch of 8
+    units would otherwise get), which the cheaper combine more than repays at batch 1 and
+    2 with 8 KV heads on an H100. Also 1 when a split would own more than ``_LIST`` slots,
+    a split would get no tile, or the exchange buffers would not fit (heads x Dv over
+    :data:`_CLUSTER_ELEMS`)."""
+    if heads * dim_v > _CLUSTER_ELEMS:
+        return 1
+    least = max(1, math.ceil(slots / _LIST))
+    for size in _CLUSTERS:
+        fits = units * size <= num_sms // 2 and units * size >= num_sms // 3
+        if fits and least <= size <= max_tiles and dim_v % (4 * size) == 0:
+            return size
+    return 1
 
 
 # Per (device, stream): the split counters. The split that combines resets its counter, so
@@ -643,8 +793,9 @@ def sparse_decode(
     one block with ``cache_offsets`` may read its left padding with zero weight, so that
     padding must hold finite values (as a cache a model wrote does); nothing past a row's
     last token is read. Compiles once per (dtype, D, Dv, block_size, GQA group padded to
-    8/16/32/64, GPU arch); batch, lengths, strides, ``M``, offsets and the split count are
-    run-time values.
+    8/16/32/64, combine cluster size 1/4/8, GPU arch); lengths, strides, ``M``, offsets
+    and the split count are run-time values, and batch sizes share a kernel except where
+    they change the cluster size (at small batch).
     """
     if _unsupported(q, k_cache, v_cache, block_indices, block_size) is not None:
         from seerattn_r.kernels.triton.sparse_decode import sparse_decode as triton_sparse_decode
@@ -660,15 +811,16 @@ def sparse_decode(
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"sm_{major}{minor}a" if major >= 9 else f"sm_{major}{minor}"
     heads = _heads(hq // hkv)
-    kernel = _build(_TILELANG_DTYPES[q.dtype], dim, dim_v, block_size, heads, arch)
-
-    tile, _ = _tiling(dim, dim_v, block_size, heads)
+    tile = min(block_size, _TILE)
     max_blocks = min(block_indices.shape[2], math.ceil(smax / block_size))
     max_tiles = max_blocks * (block_size // tile)
-    splits = _num_splits(batch * hkv, block_indices.shape[2], max_tiles, _sm_count(index))
+    units, slots, num_sms = batch * hkv, block_indices.shape[2], _sm_count(index)
+    cluster = _cluster_size(units, slots, max_tiles, num_sms, heads, dim_v)
+    splits = cluster if cluster > 1 else _num_splits(units, slots, max_tiles, num_sms)
+    kernel = _build(_TILELANG_DTYPES[q.dtype], dim, dim_v, block_size, heads, cluster, arch)
     out = torch.empty(batch, hq, dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(batch, hq, dtype=torch.float32, device=device)
-    # The split count travels as this workspace's shape (with one split it stays unused).
+    # The split count travels as this workspace's shape (unused with one split or clusters).
     o_part = torch.empty(batch, hq, splits, dim_v, dtype=torch.float32, device=device)
     lse_part = torch.empty(batch, hq, splits, dtype=torch.float32, device=device)
     seqlens = cache_seqlens.contiguous()
