@@ -16,12 +16,13 @@ Backends:
 ``tilelang``  the Hopper kernels (:mod:`seerattn_r.kernels.tilelang`); NVIDIA sm_90 with
               ``tilelang`` installed. Ops without a TileLang kernel run their Triton
               kernel under this backend (``seerattn-r info`` lists which). On the H100
-              its ``sparse_decode`` is exact, faster than the Triton kernel at 34 of the
-              36 points of the issue grid (0.79-0.997x; 1.005x at batch 1 x 8k x 50%)
-              and faster than the official SeerAttention-R kernel at all 12 of its points
-              (``benchmarks/results/tilelang_sparse_decode_h100.json``). Its first call
-              per (dtype, head dims, block size, GQA group padded to 8/16/32/64) compiles
-              for about 15 s; TileLang's on-disk cache serves later processes.
+              its ``sparse_decode`` is exact, faster than the Triton kernel at all 48
+              points of the issue grid (batch 1/2/4/16; 0.71-0.997x per CUDA-graph
+              replay) and faster than the official SeerAttention-R kernel at all 12 of
+              its points (``benchmarks/results/tilelang_sparse_decode_h100.json``). Its
+              first call per (dtype, head dims, block size, GQA group padded to
+              8/16/32/64, small-batch cluster size) compiles for about 15 s; TileLang's
+              on-disk cache serves later processes.
 ``auto``      ``tilelang`` on sm_90 when ``tilelang`` imports, else ``triton`` on any
               CUDA/ROCm GPU, else ``torch`` on CPU.
 
