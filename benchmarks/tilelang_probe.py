@@ -179,7 +179,7 @@ def _cluster_of(batch, tokens, hq, hkv, dv, bs, slots) -> int:
 
     from seerattn_r.kernels.tilelang import sparse_decode as sd
 
-    max_tiles = min(slots, -(-tokens // bs)) * (bs // min(bs, sd._TILE))
+    max_tiles = min(slots, -(-tokens // bs)) * (bs // sd._tile(bs))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     return sd._cluster_size(batch * hkv, slots, max_tiles, sms, sd._heads(hq // hkv), dv)
 

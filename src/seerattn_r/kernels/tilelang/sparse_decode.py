@@ -146,14 +146,18 @@ def _heads(group: int) -> int:
     return next(n for n in _HEADS if n >= group)
 
 
+def _tile(block_size: int) -> int:
+    """Tokens per tile: one block, or a 64-token part of a larger one."""
+    return min(block_size, _TILE)
+
+
 def _tiling(dim: int, dim_v: int, block_size: int, heads: int, cluster: int) -> tuple[int, int]:
-    """(tokens per tile, pipeline stages). A tile is one block, or a 64-token part of a
-    larger one. A CTA owns its SM (warp specialisation sets the register split for one CTA
-    of 256 threads), so the stages take what shared memory Q (the group padded to M for
-    tiles under 64 tokens), the scores, the duplicate table, the block list and (in a
-    cluster) the combine's exchange buffers leave: the more K/V bytes in flight, the
-    closer to the bandwidth floor."""
-    tile = min(block_size, _TILE)
+    """(tokens per tile, pipeline stages); see :func:`_tile`. A CTA owns its SM (warp
+    specialisation sets the register split for one CTA of 256 threads), so the stages
+    take what shared memory Q (the group padded to M for tiles under 64 tokens), the
+    scores, the duplicate table, the block list and (in a cluster) the combine's exchange
+    buffers leave: the more K/V bytes in flight, the closer to the bandwidth floor."""
+    tile = _tile(block_size)
     q_rows = heads if tile == _TILE else _TILE
     stage_bytes = tile * (dim + dim_v) * 2
     exchange = 8 * heads * (dim_v + cluster) if cluster > 1 else 0
@@ -811,9 +815,8 @@ def sparse_decode(
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"sm_{major}{minor}a" if major >= 9 else f"sm_{major}{minor}"
     heads = _heads(hq // hkv)
-    tile = min(block_size, _TILE)
     max_blocks = min(block_indices.shape[2], math.ceil(smax / block_size))
-    max_tiles = max_blocks * (block_size // tile)
+    max_tiles = max_blocks * (block_size // _tile(block_size))
     units, slots, num_sms = batch * hkv, block_indices.shape[2], _sm_count(index)
     cluster = _cluster_size(units, slots, max_tiles, num_sms, heads, dim_v)
     splits = cluster if cluster > 1 else _num_splits(units, slots, max_tiles, num_sms)
@@ -837,6 +840,7 @@ def sparse_decode(
         lse,
         o_part,
         lse_part,
-        _counter(device, batch * hkv),
+        # A clustered launch never touches the split counters: no reservoir slice for it.
+        _counter(device, batch * hkv) if cluster == 1 else _zeros(device, 1),
     )
     return out, lse
