@@ -179,22 +179,24 @@ def _cluster_of(batch, tokens, hq, hkv, dv, bs, slots) -> int:
 
     from seerattn_r.kernels.tilelang import sparse_decode as sd
 
-    max_tiles = min(slots, -(-tokens // bs)) * (bs // sd._tile(bs))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    return sd._cluster_size(batch * hkv, slots, max_tiles, sms, sd._heads(hq // hkv), dv)
+    return sd._plan(batch * hkv, slots, tokens, bs, sms, sd._heads(hq // hkv), dv)[1]
+
+
+def _forced_clusters(hq, hkv, dv, slots) -> list[int]:
+    """Every cluster size the exchange allows for these shapes (forced by the check stage)."""
+    from seerattn_r.kernels.tilelang import sparse_decode as sd
+
+    fits = sd._heads(hq // hkv) * dv <= sd._CLUSTER_ELEMS
+    return [c for c in sd._CLUSTERS if fits and slots <= sd._LIST * c]
 
 
 def _clusters(case) -> set[int]:
-    """Cluster sizes the check stage runs a case with: planned, none, and every forced size
-    the exchange allows."""
-    from seerattn_r.kernels.tilelang import sparse_decode as sd
-
+    """Cluster sizes the check stage runs a case with: planned, none, and every forced size."""
     _, _, batch, tokens, hq, hkv, _, dv, bs, keep, *_ = case
     keep = min(keep, -(-tokens // bs))
     slots = keep + (max(1, keep // 2) + max(1, keep // 4) if case[-1] else 0)  # messy: extra, repeated ids
-    fits = sd._heads(hq // hkv) * dv <= sd._CLUSTER_ELEMS
-    forced = {c for c in sd._CLUSTERS if fits and slots <= sd._LIST * c}
-    return {1, _cluster_of(batch, tokens, hq, hkv, dv, bs, slots)} | forced
+    return {1, _cluster_of(batch, tokens, hq, hkv, dv, bs, slots), *_forced_clusters(hq, hkv, dv, slots)}
 
 
 def stage_launch(result: dict) -> None:
@@ -240,8 +242,7 @@ def stage_check(result: dict) -> None:
                                          strided, messy)
         sm = 1.0 / math.sqrt(d)
         ref_out, ref_lse = reference.sparse_decode(q.float(), k.float(), v.float(), lens, idx, bs, sm, offs)
-        fits = sd._heads(hq // hkv) * dv <= sd._CLUSTER_ELEMS
-        forced = [f"c{c}" for c in sd._CLUSTERS if fits and idx.shape[-1] <= sd._LIST * c]
+        forced = [f"c{c}" for c in _forced_clusters(hq, hkv, dv, idx.shape[-1])]
         for splits in (None, 1, 3, 64, *forced):
             # None: as planned; n: n splits combined through memory (a forced count still
             # respects the kernel's limit of _LIST index slots per split); "cN": N splits

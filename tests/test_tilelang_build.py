@@ -187,6 +187,17 @@ def test_cluster_size(units, slots, max_tiles, heads, dim_v, expected):
         assert 132 // 3 <= units * size <= 132 // 2 and -(-slots // size) <= sd._LIST
 
 
+def test_plan():
+    """What a launch gets, from shapes alone (132 SMs, group 8, Dv 128, block 64): batch 1
+    x 8 KV heads, 51 of 512 blocks, 8 splits in clusters of 8; batch 16, one split and no
+    cluster; 3 slots at batch 1, no cluster (a split per tile, combined through memory)."""
+    from seerattn_r.kernels.tilelang import sparse_decode as sd
+
+    assert sd._plan(8, 51, 32768, 64, 132, 8, 128) == (8, 8)
+    assert sd._plan(128, 51, 32768, 64, 132, 8, 128) == (1, 1)
+    assert sd._plan(8, 3, 32768, 64, 132, 8, 128) == (3, 1)
+
+
 def test_padded_group():
     """The GQA group is padded to the wgmma N that a compile is keyed on: 8, 16, 32 or 64."""
     from seerattn_r.kernels.tilelang import sparse_decode as sd

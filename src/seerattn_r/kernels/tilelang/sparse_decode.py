@@ -655,6 +655,14 @@ def _cluster_size(units: int, slots: int, max_tiles: int, num_sms: int, heads: i
     return 1
 
 
+def _plan(units: int, slots: int, smax: int, block_size: int, num_sms: int, heads: int, dim_v: int) -> tuple[int, int]:
+    """(split count, cluster size) of a launch over ``units`` (row, KV head) pairs with
+    ``slots`` index slots each and caches of ``smax`` tokens: from shapes only (no sync)."""
+    max_tiles = min(slots, math.ceil(smax / block_size)) * (block_size // _tile(block_size))
+    cluster = _cluster_size(units, slots, max_tiles, num_sms, heads, dim_v)
+    return (cluster if cluster > 1 else _num_splits(units, slots, max_tiles, num_sms)), cluster
+
+
 # Per (device, stream): the split counters. The split that combines resets its counter, so
 # they are zero between launches and a call costs no memset (1.5 us at batch 16 in a CUDA
 # graph, where the memset is a node of its own).
@@ -815,11 +823,7 @@ def sparse_decode(
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"sm_{major}{minor}a" if major >= 9 else f"sm_{major}{minor}"
     heads = _heads(hq // hkv)
-    max_blocks = min(block_indices.shape[2], math.ceil(smax / block_size))
-    max_tiles = max_blocks * (block_size // _tile(block_size))
-    units, slots, num_sms = batch * hkv, block_indices.shape[2], _sm_count(index)
-    cluster = _cluster_size(units, slots, max_tiles, num_sms, heads, dim_v)
-    splits = cluster if cluster > 1 else _num_splits(units, slots, max_tiles, num_sms)
+    splits, cluster = _plan(batch * hkv, block_indices.shape[2], smax, block_size, _sm_count(index), heads, dim_v)
     kernel = _build(_TILELANG_DTYPES[q.dtype], dim, dim_v, block_size, heads, cluster, arch)
     out = torch.empty(batch, hq, dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(batch, hq, dtype=torch.float32, device=device)
