@@ -104,13 +104,20 @@ def test_lowers_to_wgmma_and_tma(cfg):
     kernel = src.index("__global__")
     if cluster > 1:
         assert src[kernel:split].count("seer_cluster_arrive_relaxed();") == 1
-        for call in ("seer_cluster_wait();", "seer_store_f4(", "seer_store_f32(",
+        for call in ("seer_cluster_wait();", "seer_store_f32(",
                      "seer_cluster_arrive_release();", "seer_cluster_wait_acquire();"):
             assert call in src[split:], call
-        assert "st.shared::cluster.v4.f32" in src and "mapa.shared::cluster" in src
+        assert "st.shared::cluster.f32" in src and "mapa.shared::cluster" in src
         assert "AtomicAddRet" not in src[kernel:], "a clustered launch needs no split counter"
     else:
-        assert "seer_" not in src and "barrier.cluster" not in src
+        assert "seer_cluster" not in src[kernel:] and "seer_store" not in src[kernel:]
+    # The prologue's L2 prefetches name the kernel's own tensor maps, in the coordinate
+    # order of its TMA loads: (column, token, KV head, row).
+    assert "cp.async.bulk.prefetch.tensor.4d.L2.global.tile" in src
+    for cache in ("K", "V"):
+        assert f"seer_prefetch_{cache.lower()}(" in src[kernel:split]
+        load = re.search(rf"tl::tma_load\({cache}_desc, [^;]*\);", src[split:])
+        assert load and load.group(0).endswith("((int)blockIdx.y), ((int)blockIdx.z));"), load
 
 
 def test_producer_patch_refuses_unknown_codegen():

@@ -9,7 +9,10 @@ One launch does everything. A CTA serves one (row ``b``, KV head ``h``, split ``
    the row holds the same id: a shared-memory table keeps, per block id, the lowest slot
    that names it (``atomicMin``), so every CTA of the row agrees on who reads a duplicated
    block, in time linear in ``M`` and the row's block count. Warp 0 then lists the CTA's
-   full blocks with ballots.
+   full blocks with ballots. Before any of that, as soon as the index slots arrive, the
+   CTA's first blocks (128 tokens) are prefetched into L2 with TMA tensor prefetches, so
+   that HBM serves them while the table and the list are built: the prologue is about 2 us
+   at batch 1, as long as the first tiles' loads would otherwise wait on HBM after it.
 2. Those blocks run through a software-pipelined loop (``T.Pipelined``: TMA loads issued by
    a producer warpgroup) of two wgmma GEMMs with A and B swapped: ``S^T = K Q^T`` and
    ``O^T = V^T P^T``, so the tile's 64 tokens (and Dv) are the wgmma's M and the GQA group
@@ -32,8 +35,8 @@ One launch does everything. A CTA serves one (row ``b``, KV head ``h``, split ``
 
    * At small batch, where the ``(b, h)`` units leave most SMs free, the splits of a unit
      are one thread-block cluster of 4 or 8 CTAs and combine through distributed
-     shared memory: each CTA sends column slice ``k`` of its partial to CTA ``k`` of the
-     cluster (``st.shared::cluster``), one cluster barrier (release/acquire) later every
+     shared memory: each CTA sends column slice ``k`` of its partial, from registers, to
+     CTA ``k`` of the cluster (``st.shared::cluster``), one cluster barrier (release/acquire) later every
      CTA folds the slices it received and writes its columns of ``out``. No global
      round trip, where the counter below costs three dependent ones (the partials' write
      acknowledged, the atomic, the partials' reload): at batch 1 on an H100 the
@@ -102,18 +105,24 @@ _COLS = 8
 # memory) while 16 clusters of 8 already take two waves. Clusters of 2 lost to 4-5
 # splits combined through memory at batch 3-4 with 8 KV heads (by up to 2.5%, H100).
 _CLUSTERS = (8, 4)
-# Each cluster CTA stages its partial (heads x Dv fp32) and receives as much: bounded so
-# that the exchange costs the pipeline no more than 32 KiB of shared memory.
+# Each cluster CTA receives as much as its partial (heads x Dv fp32): bounded so that the
+# exchange costs the pipeline no more than 16 KiB of shared memory.
 _CLUSTER_ELEMS = 4096
+# Tokens of its first blocks that each split prefetches into L2 in its prologue. Two 64-token
+# blocks took batch 1 x 32k x 90% from 11.3 to 10.5 us as one node of a CUDA graph (H100,
+# fp16) and every batch-1 point by 0.4-1.3 us; one block saved less, and eight (a whole
+# split at batch 1) lost 0.8 us: the later blocks' prefetches delay the first ones.
+_PREFETCH_TOKENS = 128
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _INT_MAX = 2**31 - 1
 
 _TILELANG_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-# Distributed shared memory and the cluster barrier, which TileLang's language does not
-# expose as scalar operations: inline PTX, prepended to clustered kernels' source.
-_CLUSTER_PRELUDE = r"""
+# Distributed shared memory, the cluster barrier and L2 prefetches of TMA boxes, which
+# TileLang's language does not expose as scalar operations: inline PTX, prepended to the
+# kernel's source. (Clustered kernels alone use the first two.)
+_PRELUDE = r"""
 __device__ __forceinline__ void seer_cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
@@ -130,14 +139,19 @@ __device__ __forceinline__ unsigned seer_mapa(const void* local, unsigned rank) 
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
   return remote;
 }
-__device__ __forceinline__ void seer_store_f4(void* dst, unsigned rank, const void* src) {
-  float4 v = *reinterpret_cast<const float4*>(src);
-  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};"
-               :: "r"(seer_mapa(dst, rank)), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
-}
 __device__ __forceinline__ void seer_store_f32(void* dst, unsigned rank, float v) {
   asm volatile("st.shared::cluster.f32 [%0], %1;" :: "r"(seer_mapa(dst, rank)), "f"(v) : "memory");
 }
+// Start bringing one TMA box of `map` at the given coordinates (innermost first) into L2;
+// nothing waits on it, and a box outside the tensor is dropped. The macros name the kernel's
+// own K/V tensor maps (parameters of the generated kernel), which TileLang's language does
+// not expose.
+__device__ __forceinline__ void seer_prefetch_box(const void* map, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];"
+               :: "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3) : "memory");
+}
+#define seer_prefetch_k(c0, c1, c2, c3) seer_prefetch_box(&K_desc, c0, c1, c2, c3)
+#define seer_prefetch_v(c0, c1, c2, c3) seer_prefetch_box(&V_desc, c0, c1, c2, c3)
 """
 
 
@@ -160,7 +174,7 @@ def _tiling(dim: int, dim_v: int, block_size: int, heads: int, cluster: int) -> 
     tile = _tile(block_size)
     q_rows = heads if tile == _TILE else _TILE
     stage_bytes = tile * (dim + dim_v) * 2
-    exchange = 8 * heads * (dim_v + cluster) if cluster > 1 else 0
+    exchange = 4 * heads * (dim_v + cluster + 1) if cluster > 1 else 0
     free = _SMEM_BUDGET - q_rows * dim * 2 - heads * tile * 6 - MAX_BLOCKS * 4 - _LIST * 4 - exchange
     # About 128 KiB of K/V in flight keeps an SM's share of HBM busy; more stages only add
     # barriers.
@@ -273,12 +287,12 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
     q_rows = heads if swap else _TILE
     # The cluster combine's buffers; a single element each without clusters.
     slice_v = dim_v // cluster  # output columns each cluster CTA combines
-    stage_shape = (heads, dim_v) if cluster > 1 else (1, 1)
     recv_shape = (cluster, heads, slice_v) if cluster > 1 else (1, 1, 1)
     recv_lse_shape = (cluster, heads) if cluster > 1 else (1, 1)
     batch, smax, hkv, hq, m, nsplit, nsem = T.dynamic("batch, smax, hkv, hq, m, nsplit, nsem")
     skb, sks, skh, svb, svs, svh = T.dynamic("skb, sks, skh, svb, svs, svh")
     neg_inf = -T.infinity(acc)
+    prefetch = max(1, _PREFETCH_TOKENS // block_size)  # blocks per split
 
     def consumer_sync():
         # After the pipelined loop only the consumer warpgroup runs (the producer has
@@ -307,7 +321,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
         # With clusters, nsplit == cluster: one cluster per (b, h), the split id its rank.
         with T.Kernel(
             nsplit, hkv, batch, threads=_THREADS,
-            prelude=_CLUSTER_PRELUDE if cluster > 1 else None,
+            prelude=_PRELUDE,
             cluster_dims=(cluster, 1, 1) if cluster > 1 else None,
         ) as (sid, hk, b):
             tx = T.get_thread_binding()
@@ -321,9 +335,8 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
             acc_c = T.alloc_local((_COLS,), acc)
             parts = T.alloc_local((16 * _COLS,), acc)  # combine: 16 splits x _COLS columns
             lses = T.alloc_local((16,), acc)  # combine: 16 splits' log2-sum-exp
-            o_stage = T.alloc_shared(stage_shape, acc)  # cluster combine: this CTA's partial
-            lse_stage = T.alloc_shared(stage_shape[:1], acc)
-            recv = T.alloc_shared(recv_shape, acc)  # ... and the slices the others sent here
+            lse_stage = T.alloc_shared((heads if cluster > 1 else 1,), acc)  # cluster combine: this CTA's LSE
+            recv = T.alloc_shared(recv_shape, acc)  # ... and the partials' slices the others sent here
             recv_lse = T.alloc_shared(recv_lse_shape, acc)
             q_s = T.alloc_shared((q_rows, dim), dtype)
             k_s = T.alloc_shared((tile, dim), dtype)
@@ -362,6 +375,15 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
                 q_s[i, d] = T.if_then_else(i < group, Q[b, head0 + i, d], 0)
             first_ids = T.alloc_var("int32")
             first_ids = T.if_then_else(tx < m, indices[b, hk, T.min(tx, m - 1)], -1)
+            # The first blocks this split owns (slot tx is thread tx's) go to L2 now, so that
+            # HBM serves them while the table and the list are built rather than after: the
+            # pipeline's first loads then find them there. A box outside the cache (-1, ids
+            # past it) is dropped; a duplicate or an id past the row wastes a prefetch.
+            if tx < m and tx % nsplit == sid and tx // nsplit < prefetch:
+                for j, c in T.grid(block_size // tile, T.ceildiv(dim, 64)):
+                    T.evaluate(T.call_extern("handle", "seer_prefetch_k", c * 64, off + first_ids * block_size + j * tile, hk, b))
+                for j, c in T.grid(block_size // tile, T.ceildiv(dim_v, 64)):
+                    T.evaluate(T.call_extern("handle", "seer_prefetch_v", c * 64, off + first_ids * block_size + j * tile, hk, b))
             # Tokens of this row inside the cache; blocks past them are out of range.
             length = T.max(T.min(seqlens[b], smax - off), 0)
             nvalid = T.ceildiv(length, block_size)
@@ -376,10 +398,9 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
             for i in T.serial(T.ceildiv(nvalid, _THREADS)):
                 if i * _THREADS + tx < nvalid:
                     first_slot[i * _THREADS + tx] = _INT_MAX
+            first_ids_s[tx] = first_ids
             T.sync_threads()
             for i in T.serial(T.ceildiv(m, _THREADS)):
-                if i == 0:
-                    first_ids_s[tx] = first_ids
                 if i * _THREADS + tx < m:
                     bid = T.if_then_else(i == 0, first_ids, indices[b, hk, i * _THREADS + tx])
                     if bid >= 0 and bid < nvalid:
@@ -467,29 +488,21 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
             for i in T.Parallel(heads):
                 l_s[i] = l_i[i]
                 m_i[i] = T.if_then_else(ntiles > 0, T.log2(l_i[i]) + m_i[i], neg_inf)
+                if cluster > 1:
+                    lse_stage[i] = m_i[i]
             consumer_sync()
             for d, i in T.Parallel(dim_v, heads):
                 o_t[d, i] = T.if_then_else(ntiles > 0, o_t[d, i] / l_s[i], 0)
             if cluster > 1:
-                for d, i in T.Parallel(dim_v, heads):
-                    o_stage[i, d] = o_t[d, i]
-                for i in T.Parallel(heads):
-                    lse_stage[i] = m_i[i]
-                consumer_sync()
                 T.evaluate(T.call_extern("handle", "seer_cluster_wait"))
-                # Reduce-scatter: columns [k * slice_v, (k + 1) * slice_v) of this partial go
-                # to rank k, 4 floats per store; every rank gets every split's log-sum-exp.
-                quads = heads * dim_v // 4
-                for e in T.serial(T.ceildiv(quads, _THREADS)):
-                    if e * _THREADS + tx < quads:
-                        h = (e * _THREADS + tx) // (dim_v // 4)
-                        col = (e * _THREADS + tx) % (dim_v // 4) * 4
-                        T.evaluate(
-                            T.call_extern(
-                                "handle", "seer_store_f4", T.address_of(recv[sid, h, col % slice_v]),
-                                col // slice_v, T.address_of(o_stage[h, col]),
-                            )
+                # Reduce-scatter, straight from the registers: column d of this partial goes
+                # to rank d // slice_v; every rank gets every split's log-sum-exp.
+                for d, i in T.Parallel(dim_v, heads):
+                    T.evaluate(
+                        T.call_extern(
+                            "handle", "seer_store_f32", T.address_of(recv[sid, i, d % slice_v]), d // slice_v, o_t[d, i]
                         )
+                    )
                 for e in T.serial(T.ceildiv(heads * cluster, _THREADS)):
                     if e * _THREADS + tx < heads * cluster:
                         h = (e * _THREADS + tx) % heads
