@@ -99,18 +99,19 @@ def test_lowers_to_wgmma_and_tma(cfg):
     assert after.startswith("if (((int)threadIdx.x) >= 32) return;")
     assert src.count(">= 32) return;") == 1
     # The cluster combine: every thread arrives once before the warpgroups split (the
-    # peers' shared memory exists before the exchange), the consumer alone exchanges its
-    # partial through distributed shared memory and passes the release/acquire barrier.
+    # peers' shared memory exists before the exchange), the consumer alone sends its
+    # partial through distributed shared memory and waits for its slices to land.
     kernel = src.index("__global__")
     if cluster > 1:
-        assert src[kernel:split].count("seer_cluster_arrive_relaxed();") == 1
-        for call in ("seer_cluster_wait();", "seer_store_f32(",
-                     "seer_cluster_arrive_release();", "seer_cluster_wait_acquire();"):
+        assert src[kernel:split].count("seer_exchange_init(") == 1
+        for call in ("seer_cluster_wait();", "seer_send_f32(", "seer_exchange_wait("):
             assert call in src[split:], call
-        assert "st.shared::cluster.f32" in src and "mapa.shared::cluster" in src
+        assert "st.async.shared::cluster.mbarrier::complete_tx::bytes.f32" in src and "mapa.shared::cluster" in src
         assert "AtomicAddRet" not in src[kernel:], "a clustered launch needs no split counter"
+        offset = re.search(r"xbar = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\)", src)
+        assert offset and int(offset.group(1)) % 8 == 0, "the exchange's mbarrier must be 8-byte aligned"
     else:
-        assert "seer_cluster" not in src[kernel:] and "seer_store" not in src[kernel:]
+        assert not re.search(r"seer_(cluster|send|exchange)", src[kernel:])
     # The prologue's L2 prefetches name the kernel's own tensor maps, in the coordinate
     # order of its TMA loads: (column, token, KV head, row).
     assert "cp.async.bulk.prefetch.tensor.4d.L2.global.tile" in src
