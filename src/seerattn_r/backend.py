@@ -17,7 +17,7 @@ Backends:
               ``tilelang`` installed. Ops without a TileLang kernel run their Triton
               kernel under this backend (``seerattn-r info`` lists which). On the H100
               its ``sparse_decode`` is exact, faster than the Triton kernel at all 48
-              points of the issue grid (batch 1/2/4/16; 0.71-0.997x per CUDA-graph
+              points of the issue grid (batch 1/2/4/16; 0.66-0.998x per CUDA-graph
               replay) and faster than the official SeerAttention-R kernel at all 12 of
               its points (``benchmarks/results/tilelang_sparse_decode_h100.json``). Its
               first call per (dtype, head dims, block size, GQA group padded to
