@@ -685,7 +685,8 @@ def _cluster_size(units: int, slots: int, max_tiles: int, num_sms: int, heads: i
     least = max(1, math.ceil(slots / _LIST))
     for size in _CLUSTERS:
         fits = units * size <= num_sms // 2 and units * size >= num_sms // 3
-        if fits and least <= size <= max_tiles and dim_v % (4 * size) == 0:
+        # Each CTA of the cluster combines an equal slice of the Dv columns.
+        if fits and least <= size <= max_tiles and dim_v % size == 0:
             return size
     return 1
 
