@@ -374,7 +374,10 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
             m_use = T.alloc_fragment((heads,), acc)
             alpha = T.alloc_fragment((heads,), acc)
             l_i = T.alloc_fragment((heads,), acc)
-            rsum = T.alloc_fragment((heads,), acc)
+            # Each thread's share of the softmax denominators, in the scores' layout: summed
+            # across threads once, after the loop, so that a tile's chain of dependent steps
+            # holds one cross-thread reduction (the max) instead of two.
+            l_acc = T.alloc_fragment((heads, tile), acc)
             count = T.alloc_var("int32", init=0)
             partial = T.alloc_var("uint32", init=0)
 
@@ -460,7 +463,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
             # info and chosen (and q_s) are read by every thread below.
             T.sync_threads()
             T.fill(o_t, 0)
-            T.fill(l_i, 0)
+            T.fill(l_acc, 0)
             T.fill(m_i, neg_inf)
 
             nfull_tiles = info[0] * sub
@@ -494,9 +497,8 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
                     alpha[i] = T.exp2(m_prev[i] - m_use[i])
                 for i, j in T.Parallel(heads, tile):
                     s[i, j] = T.exp2(s[i, j] - m_use[i])
-                T.reduce_sum(s, rsum, dim=1)
+                    l_acc[i, j] = l_acc[i, j] * alpha[i] + s[i, j]
                 for i in T.Parallel(heads):
-                    l_i[i] = l_i[i] * alpha[i] + rsum[i]
                     alpha_s[i] = alpha[i]
                 T.copy(s, p_s)
                 consumer_sync()
@@ -506,6 +508,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
                 T.gemm(v_s, p_s, o_t, transpose_A=True, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
 
             # 3. This split's normalised output and log2-sum-exp (-inf: it saw no token).
+            T.reduce_sum(l_acc, l_i, dim=1)
             for i in T.Parallel(heads):
                 l_s[i] = l_i[i]
                 m_i[i] = T.if_then_else(ntiles > 0, T.log2(l_i[i]) + m_i[i], neg_inf)
