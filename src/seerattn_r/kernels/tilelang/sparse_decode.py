@@ -390,15 +390,21 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
                 T.evaluate(
                     T.call_extern("handle", "seer_exchange_init", T.address_of(xbar[0]), cluster * heads * (slice_v + 1) * 4)
                 )
-            off = offsets[b]
             head0 = hk * group
-            # The loads that need only the CTA's place go out first, together: the query
-            # tile and the first 128 index slots (where a decode's selection usually fits),
-            # so the prologue waits on one memory round trip instead of three in a row.
-            for i, d in T.Parallel(q_rows, dim):
-                q_s[i, d] = T.if_then_else(i < group, Q[b, head0 + i, d], 0)
+            # Every load that needs only the CTA's place goes out before anything waits on
+            # one: the first 128 index slots (where a decode's selection usually fits), the
+            # row's length and offset, then the query tile, so that the prologue waits on one
+            # memory round trip instead of several in a row. (Explicit variables: a load
+            # bound by name is emitted where it is used, which is after the prefetches'
+            # inline PTX, and the compiler keeps loads behind inline PTX.)
             first_ids = T.alloc_var("int32")
             first_ids = T.if_then_else(tx < m, indices[b, hk, T.min(tx, m - 1)], -1)
+            off = T.alloc_var("int32")
+            off = offsets[b]
+            row_len = T.alloc_var("int32")
+            row_len = seqlens[b]
+            for i, d in T.Parallel(q_rows, dim):
+                q_s[i, d] = T.if_then_else(i < group, Q[b, head0 + i, d], 0)
             # The first blocks this split owns (slot tx is thread tx's) go to L2 now, so that
             # HBM serves them while the table and the list are built rather than after: the
             # pipeline's first loads then find them there. A box outside the cache (-1, ids
@@ -409,7 +415,7 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
                 for j, c in T.grid(block_size // tile, T.ceildiv(dim_v, 64)):
                     T.evaluate(T.call_extern("handle", "seer_prefetch_v", c * 64, off + first_ids * block_size + j * tile, hk, b))
             # Tokens of this row inside the cache; blocks past them are out of range.
-            length = T.max(T.min(seqlens[b], smax - off), 0)
+            length = T.max(T.min(row_len, smax - off), 0)
             nvalid = T.ceildiv(length, block_size)
             nfull = length // block_size
             mine = T.ceildiv(T.max(m - sid, 0), nsplit)  # slots this split owns
