@@ -26,6 +26,7 @@ real length, and its blocks start at its first real token.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -365,19 +366,24 @@ def patch_model(model: nn.Module, config: SparseDecodeConfig, gates=None) -> nn.
         attn.attn_gate = gate_modules[i]
         attn._seerattn_runtime = rt
     rt.handles.extend(capture_pre_rope(model, rt.q_pre, rt.k_pre))
+    # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache` (the old
+    # name still works alone, and is ignored when both are given).
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def new_sequence(module, args, kwargs):
         # A compiled step is a decode step by contract: nothing to reset there.
         if torch.compiler.is_compiling():
             return None
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(cache_arg)
+        if cache is None:
+            cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         if cache is None and (use_cache if use_cache is not None else module.config.use_cache):
             # The model would build this cache itself, out of our sight; build it here so
             # the next call, which passes it back, is recognised as the same sequence.
             from transformers import DynamicCache
 
-            cache = kwargs["past_key_values"] = DynamicCache(config=module.config)
+            cache = kwargs[cache_arg] = DynamicCache(config=module.config)
         current = rt.cache_ref() if rt.cache_ref is not None else None
         if cache is None or cache is not current:
             rt.reset(cache)
