@@ -379,9 +379,8 @@ def _program(dtype: str, dim: int, dim_v: int, block_size: int, heads: int, clus
             m_use = T.alloc_fragment((heads,), acc)
             alpha = T.alloc_fragment((heads,), acc)
             l_i = T.alloc_fragment((heads,), acc)
-            # Each thread's share of the softmax denominators, in the scores' layout: summed
-            # across threads once, after the loop, so that a tile's chain of dependent steps
-            # holds one cross-thread reduction (the max) instead of two.
+            # Each thread's share of the denominators, in the scores' layout, summed across
+            # threads after the loop (see the module docstring).
             l_acc = T.alloc_fragment((heads, tile), acc)
             count = T.alloc_var("int32", init=0)
             partial = T.alloc_var("uint32", init=0)
