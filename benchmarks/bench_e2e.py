@@ -49,6 +49,7 @@ import _common as C  # noqa: E402
 
 from seerattn_r import SparseDecodeConfig, ops, patch_model  # noqa: E402
 from seerattn_r.integrations import unpatch_model  # noqa: E402
+from seerattn_r.integrations.hf import cache_argument  # noqa: E402
 
 KEY_FIELDS = ["model", "context", "batch", "label", "mode", "dtype"]
 DENSE_ATTN = "seerattn_bench_dense"
@@ -153,15 +154,16 @@ def run_method(args, model, label: str, mode: str, context: int, batch: int, dev
     row: dict = {}
     steps_total = args.warmup + args.steps
     cache = StaticCache(config=model.config, max_cache_len=context + steps_total + 1)
+    cache_arg = cache_argument(model)
     ids = torch.randint(0, args.vocab, (batch, PROMPT), device=device)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        model(input_ids=ids, **{cache_arg: cache}, use_cache=True, logits_to_keep=1,
               position_ids=torch.arange(PROMPT, device=device).expand(batch, PROMPT),
               cache_position=torch.arange(PROMPT, device=device))
     fill_random(model, cache, context)
 
     def step(tok, pos):
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1,
+        out = model(input_ids=tok, **{cache_arg: cache}, use_cache=True, logits_to_keep=1,
                     position_ids=pos.expand(tok.shape[0], 1), cache_position=pos[0])
         return out.logits[:, -1].argmax(-1, keepdim=True)
 

@@ -9,6 +9,7 @@ import torch
 from seerattn_r import SparseDecodeConfig, patch_model
 from seerattn_r.cache import DecodePlan, GateCache
 from seerattn_r.gate import AttnGate
+from seerattn_r.integrations.hf import cache_argument
 from tests._models import left_padded, tiny_model
 from tests.utils import assert_close
 
@@ -43,7 +44,7 @@ def test_model_prefill_then_decode_matches_longer_prefill(lengths):
         for t in range(steps):
             i = n + t
             model(input_ids=full_ids[:, i:i + 1], attention_mask=full_mask[:, :i + 1],
-                  position_ids=full_pos[:, i:i + 1], past_key_values=cache, use_cache=True)
+                  position_ids=full_pos[:, i:i + 1], **{cache_argument(model): cache}, use_cache=True)
         decoded = [c.keys.clone() for c in rt.layers]
         model(input_ids=full_ids, attention_mask=full_mask, position_ids=full_pos, use_cache=True)
         prefilled = [c.keys for c in rt.layers]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from seerattn_r import SparseDecodeConfig, patch_model
+from seerattn_r.integrations.hf import cache_argument
 from tests._models import left_padded, tiny_model
 
 
@@ -18,16 +19,17 @@ def _setup(device: str, dtype=torch.float32):
     ids, mask = left_padded([40, 29])
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache_arg = cache_argument(model)  # outside the compiled step: no signature inspection in a graph
 
     def prefill():
         cache = StaticCache(config=model.config, max_cache_len=128)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_arg: cache},
                            use_cache=True).logits
         return cache, logits[:, -1:].argmax(-1)
 
     def step(tok, position, attention_mask, cache):
-        return model(input_ids=tok, position_ids=position, attention_mask=attention_mask, past_key_values=cache,
+        return model(input_ids=tok, position_ids=position, attention_mask=attention_mask, **{cache_arg: cache},
                      use_cache=True).logits
 
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

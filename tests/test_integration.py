@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seerattn_r import SparseDecodeConfig, patch_model, unpatch_model
 from seerattn_r.integrations import sparsity_stats
+from seerattn_r.integrations.hf import cache_argument
 from tests._models import greedy, left_padded, tiny_model
 
 BS = 16
@@ -151,10 +152,10 @@ def test_decode_step_copies_no_cache():
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = StaticCache(config=model.config, max_cache_len=512)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_argument(model): cache}, use_cache=True)
         mode = _Allocations()
         with mode:
-            model(input_ids=ids[:, -1:], position_ids=pos[:, -1:] + 1, past_key_values=cache, use_cache=True,
+            model(input_ids=ids[:, -1:], position_ids=pos[:, -1:] + 1, **{cache_argument(model): cache}, use_cache=True,
                   attention_mask=torch.cat([mask, mask[:, -1:]], 1))
     layer_cache = cache.layers[0].keys
     storages = {layer.keys.untyped_storage().data_ptr() for layer in cache.layers}

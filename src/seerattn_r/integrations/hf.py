@@ -272,6 +272,13 @@ def capture_pre_rope(model: nn.Module, q_store: dict, k_store: dict, user: str =
     return handles
 
 
+def cache_argument(module: nn.Module) -> str:
+    """The name under which ``module.forward`` (a ``*ForCausalLM`` or its decoder) takes the
+    KV cache: ``"cache"`` from transformers 5.24, which deprecated ``"past_key_values"``
+    (still accepted alone, ignored when both are given), else ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def _decoder(model: nn.Module) -> nn.Module:
     base = getattr(model, "model", model)
     if not hasattr(base, "layers"):
@@ -366,16 +373,14 @@ def patch_model(model: nn.Module, config: SparseDecodeConfig, gates=None) -> nn.
         attn.attn_gate = gate_modules[i]
         attn._seerattn_runtime = rt
     rt.handles.extend(capture_pre_rope(model, rt.q_pre, rt.k_pre))
-    # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache` (the old
-    # name still works alone, and is ignored when both are given).
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(base)
 
     def new_sequence(module, args, kwargs):
         # A compiled step is a decode step by contract: nothing to reset there.
         if torch.compiler.is_compiling():
             return None
         cache = kwargs.get(cache_arg)
-        if cache is None:
+        if cache is None:  # the deprecated name, passed alone
             cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         if cache is None and (use_cache if use_cache is not None else module.config.use_cache):
