@@ -40,11 +40,11 @@ def test_model_prefill_then_decode_matches_longer_prefill(lengths):
     full_pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache = out.past_key_values
+        cache = {cache_argument(model): out.past_key_values}
         for t in range(steps):
             i = n + t
             model(input_ids=full_ids[:, i:i + 1], attention_mask=full_mask[:, :i + 1],
-                  position_ids=full_pos[:, i:i + 1], **{cache_argument(model): cache}, use_cache=True)
+                  position_ids=full_pos[:, i:i + 1], **cache, use_cache=True)
         decoded = [c.keys.clone() for c in rt.layers]
         model(input_ids=full_ids, attention_mask=full_mask, position_ids=full_pos, use_cache=True)
         prefilled = [c.keys for c in rt.layers]
